@@ -1,0 +1,284 @@
+"""Image loading equivalent to MASt3R/DUSt3R's ``load_images`` preprocessing.
+
+The network image is ``crop(resize(exif_transpose(original)))``:
+
+* open with PIL, apply the EXIF orientation, convert to RGB (alpha is dropped, not composited);
+* resize: for ``size == 224`` the short side goes to 224, otherwise the long side goes to ``size``;
+  PIL LANCZOS when downscaling, BICUBIC when upscaling (or keeping the size);
+* crop around the centre ``(W // 2, H // 2)`` to dimensions that are multiples of 16 (a square image
+  becomes 4:3), or, for ``size == 224``, to a centre square;
+* normalise to float32 ``((u8 / 255) - 0.5) / 0.5`` in CHW layout.
+
+Because the resize and the crop are both axis-aligned, the relation between network pixels and original
+pixels is an exact per-axis affine map, exposed by :class:`LoadedImage` (``to_original``,
+``to_network``, ``network_to_original``). Coordinates follow hloc/COLMAP-style *pixel-centre* conventions
+in which ``(0, 0)`` is the centre of the top-left pixel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "LoadedImage",
+    "list_images",
+    "load_image",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File extensions (lower case, with the dot) recognised by :func:`list_images`.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+#: Images whose width or height (after EXIF transpose) is below this are rejected. The official loader
+#: would upsample e.g. a 1x1 image to a constant 512x384 image; we treat such files as invalid input.
+MIN_ORIGINAL_SIDE = 2
+
+
+class ImageLoadError(ValueError):
+    """Raised when an image file cannot be read or cannot be turned into a network input."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A preprocessed image plus the exact geometry relating it to the original file.
+
+    Attributes:
+        img: (1, 3, H, W) float32 tensor with values in [-1, 1].
+        true_shape: (1, 2) int32 tensor holding (H, W) of ``img``.
+        original_size: (W, H) of the original image after EXIF transpose.
+        resized_size: (W, H) of the image after resizing and before cropping.
+        crop_offset: (left, top) of the crop inside the resized image, in integer pixels.
+        name: image name (by default the file's base name).
+        path: path of the file that was read.
+        size: the ``size`` argument used for loading.
+    """
+
+    img: torch.Tensor
+    true_shape: torch.Tensor
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_offset: tuple[int, int]
+    name: str
+    path: str
+    size: int = 512
+    _scale: np.ndarray = field(init=False, repr=False)
+    _offset: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        scale = np.array(
+            [
+                self.original_size[0] / self.resized_size[0],
+                self.original_size[1] / self.resized_size[1],
+            ],
+            dtype=np.float64,
+        )
+        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_offset", np.asarray(self.crop_offset, dtype=np.float64))
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def network_size(self) -> tuple[int, int]:
+        """(W, H) of the network image."""
+        return int(self.img.shape[-1]), int(self.img.shape[-2])
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Per-axis scale (W_orig / W_resized, H_orig / H_resized)."""
+        return float(self._scale[0]), float(self._scale[1])
+
+    # ------------------------------------------------------------ coordinates
+    def to_original(self, xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) network (x, y) pixel-centre coordinates to original-image coordinates (float64).
+
+        ``x_orig = (x_net + crop_left + 0.5) * (W_orig / W_resized) - 0.5``, likewise for y.
+        """
+        pts = _as_points(xy)
+        return (pts + self._offset + 0.5) * self._scale - 0.5
+
+    def to_network(self, xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) original-image (x, y) pixel-centre coordinates to network coordinates (float64).
+
+        Exact inverse of :meth:`to_original`.
+        """
+        pts = _as_points(xy)
+        return (pts + 0.5) / self._scale - 0.5 - self._offset
+
+    @property
+    def network_to_original(self) -> np.ndarray:
+        """3x3 float64 homogeneous matrix form of :meth:`to_original` (acts on column vectors [x, y, 1])."""
+        sx, sy = self._scale
+        ox, oy = self._offset
+        return np.array(
+            [
+                [sx, 0.0, (ox + 0.5) * sx - 0.5],
+                [0.0, sy, (oy + 0.5) * sy - 0.5],
+                [0.0, 0.0, 1.0],
+            ],
+            dtype=np.float64,
+        )
+
+    @property
+    def original_to_network(self) -> np.ndarray:
+        """3x3 float64 homogeneous matrix form of :meth:`to_network`."""
+        sx, sy = self._scale
+        ox, oy = self._offset
+        return np.array(
+            [
+                [1.0 / sx, 0.0, 0.5 / sx - 0.5 - ox],
+                [0.0, 1.0 / sy, 0.5 / sy - 0.5 - oy],
+                [0.0, 0.0, 1.0],
+            ],
+            dtype=np.float64,
+        )
+
+
+def _as_points(xy: np.ndarray) -> np.ndarray:
+    pts = np.asarray(xy, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(f"expected an (N, 2) array of (x, y) coordinates, got shape {pts.shape}")
+    return pts
+
+
+def _open_rgb(path: str) -> Image.Image:
+    """Open ``path``, apply the EXIF orientation and convert to RGB, raising ImageLoadError on failure."""
+    if not os.path.exists(path):
+        raise ImageLoadError(f"image file not found: {path!r}")
+    if os.path.isdir(path):
+        raise ImageLoadError(f"image path is a directory, not a file: {path!r}")
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageLoadError(f"image file is empty (0 bytes): {path!r}")
+        with Image.open(path) as raw:
+            raw.load()
+            img = ImageOps.exif_transpose(raw)
+            rgb = img.convert("RGB")
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"image file is too large to decode safely: {path!r} ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError) as exc:
+        # PIL signals unreadable/truncated/corrupt files with a variety of exception types.
+        raise ImageLoadError(
+            f"cannot read image file {path!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return rgb
+
+
+def _resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
+    """Resize so the long side becomes ``long_side`` (banker's rounding per axis, as in the official code)."""
+    w, h = img.size
+    s = max(w, h)
+    new_size = (int(round(w * long_side / s)), int(round(h * long_side / s)))
+    if new_size[0] < 1 or new_size[1] < 1:
+        raise ValueError(f"resize to {new_size} is empty")
+    resample = Image.Resampling.LANCZOS if s > long_side else Image.Resampling.BICUBIC
+    return img.resize(new_size, resample)
+
+
+def _crop_box(w: int, h: int, size: int, square_ok: bool = False) -> tuple[int, int, int, int]:
+    """Return the integer crop box (left, top, right, bottom) in the resized image."""
+    cx, cy = w // 2, h // 2
+    if size == 224:
+        half = min(cx, cy)
+        return cx - half, cy - half, cx + half, cy + half
+    halfw = ((2 * cx) // 16) * 8
+    halfh = ((2 * cy) // 16) * 8
+    if not square_ok and w == h:
+        # 3 * halfw / 4 is an integer because halfw is a multiple of 8.
+        halfh = (3 * halfw) // 4
+    return cx - halfw, cy - halfh, cx + halfw, cy + halfh
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    size: int = 512,
+    *,
+    name: str | None = None,
+) -> LoadedImage:
+    """Load one image exactly like the official ``load_images([path], size)`` (``square_ok=False``).
+
+    Args:
+        path: image file.
+        size: 512 (long side to 512), 224 (short side to 224, centre square crop), or any other positive
+            size, handled with the 512 rule (long side to ``size``).
+        name: name stored in the result; defaults to the file's base name.
+
+    Raises:
+        ImageLoadError: missing, empty, unreadable or non-image file, or an image too small to give a
+            non-empty crop (the message names the file).
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    size = int(size)
+    path_str = os.fspath(path)
+    img = _open_rgb(path_str)
+    w0, h0 = img.size
+    if min(w0, h0) < MIN_ORIGINAL_SIDE:
+        raise ImageLoadError(
+            f"image is too small ({w0}x{h0}, need at least {MIN_ORIGINAL_SIDE} px per side): {path_str!r}"
+        )
+
+    if size == 224:
+        # Short side to 224: the long side target is round(224 * aspect), then the long-side rule.
+        long_side = int(round(size * max(w0 / h0, h0 / w0)))
+    else:
+        long_side = size
+    try:
+        resized = _resize_long_side(img, long_side)
+    except ValueError as exc:
+        raise ImageLoadError(
+            f"image {w0}x{h0} is too small or too elongated to resize for size={size}: {path_str!r}"
+        ) from exc
+    wr, hr = resized.size
+    left, top, right, bottom = _crop_box(wr, hr, size)
+    if right <= left or bottom <= top:
+        raise ImageLoadError(
+            f"image {w0}x{h0} (resized to {wr}x{hr}) gives an empty crop for size={size}: {path_str!r}"
+        )
+    cropped = resized.crop((left, top, right, bottom))
+
+    arr = np.asarray(cropped, dtype=np.uint8)  # (H, W, 3)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
+    tensor = tensor.div(255.0).sub(0.5).div(0.5).unsqueeze(0).contiguous()
+    hn, wn = arr.shape[:2]
+    true_shape = torch.tensor([[hn, wn]], dtype=torch.int32)
+    logger.debug(
+        "loaded %s: original %dx%d -> resized %dx%d -> crop (%d, %d, %d, %d) -> %dx%d",
+        path_str, w0, h0, wr, hr, left, top, right, bottom, wn, hn,
+    )
+    return LoadedImage(
+        img=tensor,
+        true_shape=true_shape,
+        original_size=(w0, h0),
+        resized_size=(wr, hr),
+        crop_offset=(left, top),
+        name=name if name is not None else os.path.basename(path_str),
+        path=path_str,
+        size=size,
+    )
+
+
+def list_images(root: str | os.PathLike[str]) -> list[str]:
+    """Return the sorted relative POSIX paths of all image files under ``root`` (recursive).
+
+    Extensions are matched case-insensitively against :data:`IMAGE_EXTENSIONS`.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise NotADirectoryError(f"image folder not found or not a directory: {os.fspath(root)!r}")
+    names = [
+        p.relative_to(root_path).as_posix()
+        for p in root_path.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    ]
+    return sorted(names)
