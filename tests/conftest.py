@@ -1,0 +1,92 @@
+"""Shared fixtures: the golden vectors, test checkpoints and tolerance checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+# Tolerances of the golden vectors (vectors README §7), in float32.
+DESC_ABS = 5e-6
+CONF_REL = 2e-5
+PTS3D_OF_MAX = 3e-5
+
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    """max |out - ref| / max(|ref|, 5 % of max |ref|), as defined by the vectors README."""
+    ref = np.asarray(ref, np.float64)
+    denom = np.maximum(np.abs(ref), 0.05 * np.abs(ref).max())
+    return float((np.abs(np.asarray(out, np.float64) - ref) / denom).max())
+
+
+def assert_output_close(name: str, out, ref) -> None:
+    """Compare one model output with its reference using the tolerance of its kind."""
+    out = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    ref = np.asarray(ref)
+    assert out.shape == ref.shape, f"{name}: shape {out.shape} != {ref.shape}"
+    assert np.isfinite(out).all(), f"{name}: non-finite values"
+    if "pts3d" in name:
+        err = np.abs(out - ref).max() / np.abs(ref).max()
+        assert err <= PTS3D_OF_MAX, f"{name}: max error {err:.2e} of max|ref| > {PTS3D_OF_MAX}"
+    elif "desc_conf" in name or name.endswith("conf"):
+        err = relative_error(out, ref)
+        assert err <= CONF_REL, f"{name}: relative error {err:.2e} > {CONF_REL}"
+    elif "desc" in name:
+        err = np.abs(out - ref).max()
+        assert err <= DESC_ABS, f"{name}: max abs error {err:.2e} > {DESC_ABS}"
+    else:
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def vectors():
+    """Lazy access to the golden vector files: vectors('model_small')."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = np.load(DATA / f"{name}.npz")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """The small configuration with the seed-1 test weights of the golden vectors."""
+    from mast3r_colmap.model import MASt3R
+    from mast3r_colmap.model.checkpoint import match_state_dict
+    from mast3r_colmap.testing.weights import make_state_dict
+
+    model = MASt3R("small")
+    model.load_state_dict(match_state_dict(model, make_state_dict("small", 1)))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def small_pth(tmp_path_factory) -> Path:
+    """An official-format .pth of the small seed-1 test weights."""
+    from mast3r_colmap.testing.weights import write_official_pth
+
+    path = tmp_path_factory.mktemp("ckpt") / "small_seed1.pth"
+    write_official_pth(str(path), "small", 1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_hub_dir(tmp_path_factory) -> Path:
+    """A hub-format folder of the small seed-1 test weights."""
+    from mast3r_colmap.testing.weights import write_hub_dir
+
+    path = tmp_path_factory.mktemp("hub") / "small_seed1"
+    write_hub_dir(str(path), "small", 1)
+    return path
