@@ -125,23 +125,45 @@ def _config(kwargs: Mapping[str, Any], source: Any) -> MASt3RConfig:
 
 
 def fetch_from_hub(repo_id: str) -> Path:
-    """Download (or find in the local cache) config.json and model.safetensors of a hub repo."""
+    """Find config.json and model.safetensors of a hub repo in the local cache, or download them."""
     from huggingface_hub import hf_hub_download
 
+    names = ("config.json", "model.safetensors")
     try:
-        for name in ("config.json", "model.safetensors"):
-            local = hf_hub_download(repo_id, name)
-    except Exception as exc:  # offline, unknown repo, missing file, ...
-        raise CheckpointError(
-            f"could not fetch the MASt3R weights '{repo_id}' from the Hugging Face hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
-            f"If this machine is offline, download them elsewhere and pass the local path:\n"
-            f"  * hub format: `huggingface-cli download {repo_id} --local-dir DIR` (config.json + "
-            f"model.safetensors), then use --checkpoint DIR, or\n"
-            f"  * official .pth: {OFFICIAL_PTH_URL}, then use --checkpoint PATH.pth\n"
-            f"The weights are licensed CC BY-NC-SA 4.0 (non-commercial) by their authors; "
-            f"by downloading them you accept that licence.") from None
-    return Path(local).parent
+        return Path([hf_hub_download(repo_id, n, local_files_only=True) for n in names][-1]).parent
+    except Exception:  # not cached (yet)
+        pass
+    reason = _hub_unreachable()
+    if reason is None:
+        try:
+            return Path([hf_hub_download(repo_id, n) for n in names][-1]).parent
+        except Exception as exc:  # unknown repo, missing file, network failure, ...
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    raise CheckpointError(
+        f"could not fetch the MASt3R weights '{repo_id}' from the Hugging Face hub ({reason}).\n"
+        f"If this machine is offline, download them elsewhere and pass the local path:\n"
+        f"  * hub format: `hf download {repo_id} --local-dir DIR` (config.json + model.safetensors), "
+        f"then use --checkpoint DIR, or\n"
+        f"  * official .pth: {OFFICIAL_PTH_URL}, then use --checkpoint PATH.pth\n"
+        f"The weights are licensed CC BY-NC-SA 4.0 (non-commercial) by their authors; "
+        f"by downloading them you accept that licence.")
+
+
+def _hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be reached (offline mode, no DNS), or None; avoids long retry loops."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"no network: cannot resolve {host} ({exc})"
+    return None
 
 
 # ---- key matching -------------------------------------------------------------------------------
