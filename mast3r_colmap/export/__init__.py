@@ -1,0 +1,1 @@
+"""Writers for COLMAP databases and hloc-compatible HDF5 files."""
