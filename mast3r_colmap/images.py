@@ -32,6 +32,8 @@ __all__ = [
     "LoadedImage",
     "list_images",
     "load_image",
+    "load_original",
+    "read_image_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -266,6 +268,33 @@ def load_image(
         path=path_str,
         size=size,
     )
+
+
+def load_original(path: str | os.PathLike[str]) -> torch.Tensor:
+    """The EXIF-transposed original image as a (1, 3, H, W) float32 tensor in [-1, 1], no resizing
+    (what coarse-to-fine crops are cut from). Raises ImageLoadError like :func:`load_image`."""
+    arr = np.asarray(_open_rgb(os.fspath(path)), dtype=np.uint8)
+    tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
+    return tensor.div(255.0).sub(0.5).div(0.5).unsqueeze(0).contiguous()
+
+
+def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(W, H) of the image after EXIF transpose, reading the header only when possible.
+
+    Raises ImageLoadError for missing, empty or unreadable files.
+    """
+    path_str = os.fspath(path)
+    if not os.path.isfile(path_str):
+        raise ImageLoadError(f"image file not found: {path_str!r}")
+    if os.path.getsize(path_str) == 0:
+        raise ImageLoadError(f"image file is empty (0 bytes): {path_str!r}")
+    try:
+        with Image.open(path_str) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"cannot read image file {path_str!r}: {type(exc).__name__}: {exc}") from exc
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
