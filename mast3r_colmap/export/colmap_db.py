@@ -355,25 +355,27 @@ def write_keypoints(db: DbLike, image_ids: Mapping[str, int] | None,
     Returns:
         The number of images whose keypoints were written.
     """
+    with _use_db(db) as d, pycolmap.DatabaseTransaction(d):
+        return _write_keypoints(d, _resolve_ids(d, image_ids), keypoints)
+
+
+def _write_keypoints(d: pycolmap.Database, ids: Mapping[str, int], keypoints: Mapping[str, ImageKeypoints]) -> int:
     written = 0
-    with _use_db(db) as d:
-        ids = _resolve_ids(d, image_ids)
-        todo = [(name, _id_of(ids, name), kp) for name, kp in keypoints.items()]
-        with pycolmap.DatabaseTransaction(d):
-            for name, image_id, kp in todo:
-                kps = np.asarray(kp.keypoints, np.float64) + 0.5
-                if d.exists_keypoints(image_id):
-                    stored = np.asarray(d.read_keypoints(image_id))[:, :2]
-                    if stored.shape[0] != kps.shape[0]:
-                        raise ValueError(f"image {name!r} already has {stored.shape[0]} keypoints in the "
-                                         f"database, refusing to replace them with {kps.shape[0]}")
-                    if kps.size and np.abs(stored - kps).max() > KEYPOINT_TOLERANCE:
-                        raise ValueError(f"image {name!r} already has different keypoints in the database "
-                                         f"(max difference {np.abs(stored - kps).max():.3g} px)")
-                    logger.debug("keypoints of %s already stored, skipped", name)
-                    continue
-                d.write_keypoints(image_id, kps.astype(np.float32))
-                written += 1
+    for name, kp in keypoints.items():
+        image_id = _id_of(ids, name)
+        kps = np.asarray(kp.keypoints, np.float64) + 0.5
+        if d.exists_keypoints(image_id):
+            stored = np.asarray(d.read_keypoints(image_id))[:, :2]
+            if stored.shape[0] != kps.shape[0]:
+                raise ValueError(f"image {name!r} already has {stored.shape[0]} keypoints in the "
+                                 f"database, refusing to replace them with {kps.shape[0]}")
+            if kps.size and np.abs(stored - kps).max() > KEYPOINT_TOLERANCE:
+                raise ValueError(f"image {name!r} already has different keypoints in the database "
+                                 f"(max difference {np.abs(stored - kps).max():.3g} px)")
+            logger.debug("keypoints of %s already stored, skipped", name)
+            continue
+        d.write_keypoints(image_id, kps.astype(np.float32))
+        written += 1
     logger.info("write_keypoints: %d written, %d already present", written, len(keypoints) - written)
     return written
 
@@ -389,36 +391,48 @@ def write_matches(db: DbLike, image_ids: Mapping[str, int] | None, matches: Iter
     Returns:
         The number of pairs written.
     """
+    with _use_db(db) as d, pycolmap.DatabaseTransaction(d):
+        return _write_matches(d, _resolve_ids(d, image_ids), matches)
+
+
+def _write_matches(d: pycolmap.Database, ids: Mapping[str, int], matches: Iterable[IndexMatches]) -> int:
     written = skipped = 0
-    with _use_db(db) as d:
-        ids = _resolve_ids(d, image_ids)
-        counts: dict[int, int] = {}
+    counts: dict[int, int] = {}
 
-        def num_kps(name: str, image_id: int) -> int:
-            if image_id not in counts:
-                if not d.exists_keypoints(image_id):
-                    raise ValueError(f"image {name!r} has no keypoints in the database; write them first")
-                counts[image_id] = int(d.num_keypoints_for_image(image_id))
-            return counts[image_id]
+    def num_kps(name: str, image_id: int) -> int:
+        if image_id not in counts:
+            if not d.exists_keypoints(image_id):
+                raise ValueError(f"image {name!r} has no keypoints in the database; write them first")
+            counts[image_id] = int(d.num_keypoints_for_image(image_id))
+        return counts[image_id]
 
-        with pycolmap.DatabaseTransaction(d):
-            for m in matches:
-                id0, id1 = _id_of(ids, m.name0), _id_of(ids, m.name1)
-                if id0 == id1:
-                    raise ValueError(f"pair {m.name0!r}/{m.name1!r} matches an image with itself")
-                if d.exists_matches(id0, id1):
-                    skipped += 1
-                    continue
-                idx = np.asarray(m.matches, np.int64).reshape(-1, 2)
-                for col, (name, image_id) in enumerate(((m.name0, id0), (m.name1, id1))):
-                    n = num_kps(name, image_id)
-                    if idx.size and (idx[:, col].min() < 0 or idx[:, col].max() >= n):
-                        raise ValueError(f"pair {m.name0!r}/{m.name1!r}: keypoint index out of range "
-                                         f"[0, {n}) for image {name!r}")
-                d.write_matches(id0, id1, idx.astype(np.uint32))
-                written += 1
+    for m in matches:
+        id0, id1 = _id_of(ids, m.name0), _id_of(ids, m.name1)
+        if id0 == id1:
+            raise ValueError(f"pair {m.name0!r}/{m.name1!r} matches an image with itself")
+        if d.exists_matches(id0, id1):
+            skipped += 1
+            continue
+        idx = np.asarray(m.matches, np.int64).reshape(-1, 2)
+        for col, (name, image_id) in enumerate(((m.name0, id0), (m.name1, id1))):
+            n = num_kps(name, image_id)
+            if idx.size and (idx[:, col].min() < 0 or idx[:, col].max() >= n):
+                raise ValueError(f"pair {m.name0!r}/{m.name1!r}: keypoint index out of range "
+                                 f"[0, {n}) for image {name!r}")
+        d.write_matches(id0, id1, idx.astype(np.uint32))
+        written += 1
     logger.info("write_matches: %d pairs written, %d already present", written, skipped)
     return written
+
+
+def write_features_and_matches(db: DbLike, image_ids: Mapping[str, int] | None,
+                               keypoints: Mapping[str, ImageKeypoints], matches: Iterable[IndexMatches]) -> int:
+    """:func:`write_keypoints` then :func:`write_matches` in ONE transaction: after a crash the database
+    holds either all of them or none. Returns the number of pairs written."""
+    with _use_db(db) as d, pycolmap.DatabaseTransaction(d):
+        ids = _resolve_ids(d, image_ids)
+        _write_keypoints(d, ids, keypoints)
+        return _write_matches(d, ids, matches)
 
 
 def existing_pairs(db: DbLike) -> set[frozenset[str]]:
