@@ -34,6 +34,7 @@ __all__ = [
     "load_image",
     "load_original",
     "read_image_size",
+    "validate_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -276,6 +277,18 @@ def load_original(path: str | os.PathLike[str]) -> torch.Tensor:
     arr = np.asarray(_open_rgb(os.fspath(path)), dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor.div(255.0).sub(0.5).div(0.5).unsqueeze(0).contiguous()
+
+
+def validate_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """Decode the whole file (catching truncated or corrupt data); returns (W, H) after EXIF transpose.
+
+    Raises ImageLoadError naming the file when it cannot be used.
+    """
+    path_str = os.fspath(path)
+    w, h = _open_rgb(path_str).size
+    if min(w, h) < MIN_ORIGINAL_SIDE:
+        raise ImageLoadError(f"image is too small ({w}x{h}): {path_str!r}")
+    return w, h
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:

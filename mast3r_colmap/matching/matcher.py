@@ -109,6 +109,30 @@ def match_pairs_with_source(source: DescriptorSource, pairs: Iterable[Tuple[str,
         yield match_views(view0, view1, conf, (name0, name1))
 
 
+class SourceMatcher:
+    """A pipeline matcher over any :class:`DescriptorSource` (e.g. the synthetic oracle of the tests)."""
+
+    def __init__(self, source: DescriptorSource, conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
+                 name: str = "source"):
+        self.source = source
+        self.conf = get_config(conf)
+        self.name = name
+
+    def settings(self) -> Dict[str, Any]:
+        return {"source": self.name, **_match_settings(self.conf)}
+
+    def match_pairs(self, pairs: Iterable[Tuple[str, str]]) -> Iterator[PairMatches]:
+        return match_pairs_with_source(self.source, pairs, self.conf)
+
+
+def _match_settings(conf: MatcherConfig) -> Dict[str, Any]:
+    """The fields that change the matches (not batch or cache sizes)."""
+    out = dataclasses.asdict(conf)
+    for key in ("batch_size", "cache_size"):
+        out.pop(key)
+    return out
+
+
 # ---- encodings ----------------------------------------------------------------------------------
 
 class EncodingCache:
@@ -156,12 +180,29 @@ class Matcher:
     """MASt3R pair matcher with an encoding cache, batching and the presets of :data:`confs`."""
 
     def __init__(self, model: MASt3R, conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
-                 image_dir: Optional[Union[str, os.PathLike]] = None):
+                 image_dir: Optional[Union[str, os.PathLike]] = None, checkpoint: str = ""):
         self.model = model
+        self.checkpoint = checkpoint
         self.conf = get_config(conf)
         self.image_dir = image_dir
         self.encodings = EncodingCache(model, self.conf.cache_size)
         self._images: "OrderedDict[str, LoadedImage]" = OrderedDict()
+
+    def settings(self) -> Dict[str, Any]:
+        """What determines the matches: checkpoint, architecture and matching settings."""
+        return {"checkpoint": self.checkpoint, "model": repr(self.model.conf), **_match_settings(self.conf)}
+
+    @torch.inference_mode()
+    def global_descriptors(self, names: Sequence[str]) -> np.ndarray:
+        """(N, C) retrieval descriptors pooled from the encoder tokens (encodings stay cached)."""
+        from ..pairs import global_descriptor_from_tokens
+
+        out = []
+        for name in names:
+            image = self.image(name)
+            enc = self.encodings.get_many([(image.name, None)], [image.img])[0]
+            out.append(global_descriptor_from_tokens(enc.tokens[0].float()).cpu().numpy())
+        return np.stack(out)
 
     # images
     def image(self, image: ImageLike) -> LoadedImage:

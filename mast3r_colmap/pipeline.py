@@ -1,0 +1,183 @@
+"""From an image folder to a COLMAP database and model: the stages wired together.
+
+    images -> pairs -> matching (resumable store) -> keypoint consolidation -> COLMAP database
+           -> geometric verification -> [hloc h5 export] -> mapping -> summary
+
+Stages communicate through the plain values of :mod:`mast3r_colmap.structures`. The matcher is anything
+with ``match_pairs(pairs) -> Iterator[PairMatches]`` (the MASt3R :class:`~.matching.matcher.Matcher`, or
+a :class:`~.matching.matcher.SourceMatcher` over the synthetic oracle of the tests).
+
+Crash safety: raw matches go pair by pair into a :class:`~.store.MatchStore`; keypoints and matches
+are written to the database in one transaction after all pairs are matched; verification and mapping
+are idempotent. A run killed at any point and started again ends with the same database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from . import mapping
+from .export import colmap_db, hloc_h5
+from .images import ImageLoadError, list_images, validate_image
+from .keypoints import KeypointConfig, consolidate
+from .pairs import pairs_from_spec, write_pairs
+from .store import MatchStore, config_key
+from .structures import ImageKeypoints, PairMatches
+
+logger = logging.getLogger(__name__)
+
+MAPPERS = ("incremental", "global", "none")
+
+
+class PairMatcher(Protocol):
+    """What the pipeline needs from a matcher."""
+
+    def settings(self) -> Dict[str, Any]:
+        """Everything that determines the matches (keys the resumable store)."""
+        ...
+
+    def match_pairs(self, pairs: Iterable[Tuple[str, str]]) -> Iterator[PairMatches]:
+        ...
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of :func:`reconstruct` (the CLI maps its flags onto these)."""
+
+    pairs: str = "exhaustive"
+    camera_mode: str = "single"
+    camera_model: str = "SIMPLE_RADIAL"
+    intrinsics: Optional[str] = None
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    mapper: str = "incremental"
+    mapper_options: Optional[Dict[str, Any]] = None
+    strict: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mapper not in MAPPERS:
+            raise ValueError(f"unknown mapper {self.mapper!r}: choose from {', '.join(MAPPERS)}")
+
+
+def default_store_path(database: str | os.PathLike) -> Path:
+    """Where the raw matches of a run are kept: beside the database."""
+    database = Path(database)
+    return database.with_name(database.name + ".mast3r-matches.sqlite")
+
+
+def usable_images(image_dir: str | os.PathLike, strict: bool = False, progress: bool = True) -> List[str]:
+    """Image names under ``image_dir`` that decode; unreadable ones are skipped with a warning
+    (or raise :class:`ImageLoadError` when ``strict``)."""
+    names = list_images(image_dir)
+    if not names:
+        raise ValueError(f"no images found in {os.fspath(image_dir)!r} "
+                         "(looked for .jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp, recursively)")
+    good = []
+    for name in tqdm(names, desc="checking images", unit="img", disable=not progress):
+        try:
+            validate_image(Path(image_dir) / name)
+        except ImageLoadError as exc:
+            if strict:
+                raise
+            logger.warning("skipping %s", exc)
+            continue
+        good.append(name)
+    if len(good) < 2:
+        raise ValueError(f"need at least 2 readable images in {os.fspath(image_dir)!r}, found {len(good)}")
+    return good
+
+
+def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], store: MatchStore,
+                     progress: bool = True) -> int:
+    """Match the pairs the store does not hold yet, committing each as it finishes."""
+    done = store.done_pairs()
+    todo = [p for p in pairs if frozenset(p) not in done]
+    logger.info("matching: %d pairs to do, %d already in the store", len(todo), len(pairs) - len(todo))
+    bar = tqdm(total=len(todo), desc="matching", unit="pair", disable=not progress)
+    for pm in matcher.match_pairs(todo):
+        store.put(pm)
+        bar.update()
+        bar.set_postfix(matches=len(pm))
+    bar.close()
+    return len(todo)
+
+
+def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, matcher: PairMatcher,
+                config: PipelineConfig = PipelineConfig(), output_dir: Optional[str | os.PathLike] = None,
+                export_h5: Optional[str | os.PathLike] = None,
+                store_path: Optional[str | os.PathLike] = None,
+                descriptors_fn=None) -> Dict[str, Any]:
+    """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran)."""
+    image_dir, database = Path(image_dir), Path(database)
+    if not image_dir.is_dir():
+        raise ValueError(f"image folder {str(image_dir)!r} does not exist or is not a folder")
+    names = usable_images(image_dir, config.strict, config.progress)
+    logger.info("%d images in %s", len(names), image_dir)
+
+    with colmap_db.open_database(database) as db:
+        ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
+                                      config.intrinsics)
+    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed)
+    logger.info("%d pairs (%s)", len(pairs), config.pairs)
+
+    with colmap_db.open_database(database) as db:
+        in_db = colmap_db.existing_pairs(db)
+        fixed = colmap_db.existing_keypoints(db)
+    new_pairs = [p for p in pairs if frozenset(p) not in in_db]
+    if len(new_pairs) < len(pairs):
+        logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
+
+    store_path = Path(store_path) if store_path else default_store_path(database)
+    with MatchStore(store_path, config_key(matcher.settings())) as store:
+        match_into_store(matcher, new_pairs, store, config.progress)
+        raw = list(store.get_many(new_pairs))
+
+    keypoints, matches = consolidate(raw, config.keypoints, fixed=fixed)
+    logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
+                sum(len(k) for k in keypoints.values()), len(keypoints),
+                sum(len(m) for m in matches), len(matches))
+    for name in names:  # images without any match still get an (empty) keypoint set
+        if name not in keypoints and name not in fixed:
+            keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
+    colmap_db.write_features_and_matches(database, ids, keypoints, matches)
+    verified = colmap_db.verify_matches(database, pairs) if pairs else {}
+    n_verified = sum(1 for v in verified.values() if v > 0)
+    logger.info("geometric verification: %d of %d pairs kept", n_verified, len(verified))
+
+    if export_h5 is not None:
+        export_hloc(export_h5, database, image_dir, keypoints, matches, pairs)
+
+    result: Dict[str, Any] = {"num_images": len(names), "num_pairs": len(pairs), "num_verified_pairs": n_verified}
+    if config.mapper != "none":
+        out = Path(output_dir) if output_dir else database.parent / "sparse"
+        run = mapping.incremental if config.mapper == "incremental" else mapping.global_mapping
+        rec = run(database, image_dir, out, options=config.mapper_options, seed=config.seed)
+        if rec is None:
+            logger.warning("the %s mapper reconstructed nothing (too few verified matches?)", config.mapper)
+            result.update(num_registered_images=0)
+        else:
+            result.update(mapping.summary(rec))
+            result["model"] = str(out)
+    return result
+
+
+def export_hloc(folder: str | os.PathLike, database: str | os.PathLike, image_dir: str | os.PathLike,
+                keypoints, matches, pairs) -> None:
+    """Write features.h5, matches.h5 and pairs.txt in hloc's layout into ``folder``."""
+    from .images import read_image_size
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {name: read_image_size(Path(image_dir) / name) for name in keypoints}
+    hloc_h5.write_features(folder / "features.h5", keypoints, sizes)
+    hloc_h5.write_matches(folder / "matches.h5", matches, {n: len(k) for n, k in keypoints.items()})
+    write_pairs(folder / "pairs.txt", pairs)
+    logger.info("hloc files written to %s", folder)

@@ -1,0 +1,124 @@
+"""Command line: MASt3R matching of an image folder into a COLMAP database, then pycolmap mapping.
+
+    python -m mast3r_colmap.run IMAGES DATABASE [options]
+    mast3r-colmap IMAGES DATABASE [options]
+
+Argument parsing and wiring only: the work is done by :mod:`mast3r_colmap.pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .keypoints import KeypointConfig
+from .matching.matcher import confs as matcher_confs
+from .pipeline import MAPPERS, PipelineConfig
+
+logger = logging.getLogger("mast3r_colmap")
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .model.checkpoint import DEFAULT_CHECKPOINT
+
+    p = argparse.ArgumentParser(
+        prog="mast3r-colmap",
+        description="Match images with MASt3R, write a COLMAP database and reconstruct with pycolmap.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", type=Path, help="image folder (searched recursively)")
+    p.add_argument("database", type=Path, help="COLMAP database to create or extend")
+    p.add_argument("--pairs", default="exhaustive",
+                   help="exhaustive | sequential:W[:loop] | retrieval:K | retrieval:Na,K | an hloc pairs file")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help="official .pth file, hub folder (config.json + model.safetensors) or hub id")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="encoder/decoder precision on CUDA (heads always fp32)")
+    p.add_argument("--preset", choices=sorted(matcher_confs), default="default",
+                   help="default: one 512-px pass; hires: coarse-to-fine crops at full resolution; "
+                        "sfm: symmetric inference")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch")
+    p.add_argument("--camera-mode", choices=["single", "per-folder", "per-image"], default="single")
+    p.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
+    p.add_argument("--intrinsics", default=None, help="comma-separated camera parameters for every camera")
+    p.add_argument("--cell-size", type=float, default=KeypointConfig.cell_size,
+                   help="keypoint consolidation cell (px at full resolution)")
+    p.add_argument("--max-kps", type=int, default=KeypointConfig.max_kps, help="keypoints per image (0: no cap)")
+    p.add_argument("--export-h5", type=Path, default=None,
+                   help="also write hloc features.h5 / matches.h5 / pairs.txt into this folder")
+    p.add_argument("--mapper", choices=MAPPERS, default="incremental")
+    p.add_argument("--output", type=Path, default=None, help="sparse model folder (default: DATABASE's folder/sparse)")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _check_writable(path: Path, what: str) -> None:
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {str(path)!r} is not writable")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the same command again to resume")
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:  # bad input: a message, never a traceback
+        from .images import ImageLoadError
+        from .model.checkpoint import CheckpointError
+
+        if args.verbose or not isinstance(exc, (ValueError, OSError, CheckpointError, ImageLoadError)):
+            logger.debug("details", exc_info=True)
+        logger.error("%s", exc)
+        return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .matching.matcher import Matcher, get_config
+    from .model.checkpoint import load_model
+    from .pipeline import reconstruct
+
+    if not args.images.is_dir():
+        raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
+    if not args.database.parent.is_dir():
+        raise ValueError(f"folder of the database {str(args.database)!r} does not exist")
+    _check_writable(args.database, "database")
+    for path, what in ((args.output, "output folder"), (args.export_h5, "hloc export folder")):
+        if path is not None:
+            _check_writable(path, what)
+    config = PipelineConfig(
+        pairs=args.pairs, camera_mode=args.camera_mode, camera_model=args.camera_model,
+        intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,
+        keypoints=KeypointConfig(cell_size=args.cell_size, max_kps=args.max_kps or None),
+        progress=not args.no_progress)
+    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
+    matcher_conf = get_config(args.preset, **overrides)
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    model = load_model(args.checkpoint, device=args.device, amp_dtype=amp)
+    matcher = Matcher(model, matcher_conf, image_dir=args.images, checkpoint=str(args.checkpoint))
+    summary = reconstruct(args.images, args.database, matcher, config, output_dir=args.output,
+                          export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
