@@ -52,7 +52,7 @@ class PipelineConfig:
     """Settings of :func:`reconstruct` (the CLI maps its flags onto these)."""
 
     pairs: str = "exhaustive"
-    camera_mode: str = "single"
+    camera_mode: str = "auto"
     camera_model: str = "SIMPLE_RADIAL"
     intrinsics: Optional[str] = None
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: one 512-px pass; hires: coarse-to-fine crops at full resolution; "
                         "sfm: symmetric inference")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch")
-    p.add_argument("--camera-mode", choices=["single", "per-folder", "per-image"], default="single")
+    p.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"], default="auto",
+                   help="auto: images of one size and EXIF focal share a camera")
     p.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
     p.add_argument("--intrinsics", default=None, help="comma-separated camera parameters for every camera")
     p.add_argument("--cell-size", type=float, default=KeypointConfig.cell_size,
@@ -74,6 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        import pycolmap
+
+        pycolmap.logging.minloglevel = 1  # COLMAP's INFO lines only with --verbose
     try:
         return _run(args)
     except KeyboardInterrupt:

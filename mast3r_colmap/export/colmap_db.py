@@ -59,7 +59,9 @@ logger = logging.getLogger(__name__)
 DbLike = Union[pycolmap.Database, str, os.PathLike]
 
 #: Accepted ``camera_mode`` values (``_`` may be used instead of ``-``).
-CAMERA_MODES: tuple[str, ...] = ("single", "per-folder", "per-image")
+#: "auto": images of the same size and EXIF focal share a camera (COLMAP's AUTO); "single": one camera
+#: for all images (they must have one size); "per-folder": one per parent folder; "per-image".
+CAMERA_MODES: tuple[str, ...] = ("auto", "single", "per-folder", "per-image")
 #: Focal length of a camera without a prior, as a multiple of max(W, H) (COLMAP's default).
 DEFAULT_FOCAL_LENGTH_FACTOR = 1.2
 #: Stored keypoints count as unchanged when every coordinate is within this many pixels.
@@ -233,7 +235,9 @@ def _make_camera(model: str, info: ImageInfo, params: list[float] | None,
     return cam
 
 
-def _group_key(mode: str, name: str) -> str:
+def _group_key(mode: str, name: str, info: ImageInfo | None = None) -> Any:
+    if mode == "auto":
+        return None if info is None else (info.width, info.height, info.focal)
     if mode == "single":
         return ""
     if mode == "per-folder":
@@ -280,7 +284,12 @@ def import_images(
         # Existing group cameras, so that re-runs add new images to the same camera.
         group_camera: dict[str, int] = {}
         for name, img in existing.items():
-            group_camera.setdefault(_group_key(mode, name), int(img.camera_id))
+            if mode == "auto":
+                cam = d.read_camera(img.camera_id)
+                prior = cam.mean_focal_length() if cam.has_prior_focal_length else None
+                group_camera.setdefault((cam.width, cam.height, prior), int(img.camera_id))
+            else:
+                group_camera.setdefault(_group_key(mode, name), int(img.camera_id))
         new = [n for n in names if n not in existing]
         infos: dict[str, ImageInfo] = {}
         for name in new:
@@ -295,7 +304,7 @@ def import_images(
             camera_rig: dict[int, int | None] = {}
             for name in new:
                 info = infos[name]
-                key = _group_key(mode, name)
+                key = _group_key(mode, name, info)
                 cam_id = group_camera.get(key)
                 if cam_id is None:
                     cam = _make_camera(camera_model, info, params, default_focal_length_factor)
