@@ -114,12 +114,15 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
                 config: PipelineConfig = PipelineConfig(), output_dir: Optional[str | os.PathLike] = None,
                 export_h5: Optional[str | os.PathLike] = None,
                 store_path: Optional[str | os.PathLike] = None,
-                descriptors_fn=None) -> Dict[str, Any]:
-    """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran)."""
+                descriptors_fn=None, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran).
+
+    ``names`` (relative image paths) defaults to :func:`usable_images` of ``image_dir``.
+    """
     image_dir, database = Path(image_dir), Path(database)
     if not image_dir.is_dir():
         raise ValueError(f"image folder {str(image_dir)!r} does not exist or is not a folder")
-    names = usable_images(image_dir, config.strict, config.progress)
+    names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
     logger.info("%d images in %s", len(names), image_dir)
 
     with colmap_db.open_database(database) as db:

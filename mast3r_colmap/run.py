@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .matching.matcher import Matcher, get_config
     from .model.checkpoint import load_model
-    from .pipeline import reconstruct
+    from .pipeline import reconstruct, usable_images
 
     if not args.images.is_dir():
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
@@ -114,13 +114,14 @@ def _run(args: argparse.Namespace) -> int:
         intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,
         keypoints=KeypointConfig(cell_size=args.cell_size, max_kps=args.max_kps or None),
         progress=not args.no_progress)
+    names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
     matcher_conf = get_config(args.preset, **overrides)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = load_model(args.checkpoint, device=args.device, amp_dtype=amp)
     matcher = Matcher(model, matcher_conf, image_dir=args.images, checkpoint=str(args.checkpoint))
     summary = reconstruct(args.images, args.database, matcher, config, output_dir=args.output,
-                          export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors)
+                          export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors, names=names)
     print(json.dumps(summary, indent=2))
     return 0
 
