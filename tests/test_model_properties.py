@@ -175,9 +175,6 @@ def test_descriptor_only_path(small_model, pair_imgs):
     _assert_same(desc2, full2, ("desc", "desc_conf"))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="MASt3R.predict(with_pts3d=False) keeps no DPT hook tokens, but with two_confs=False "
-                          "_head still runs the DPT (desc_conf = conf, spec 2.7) on tokens[:4] = [last] only")
 def test_descriptor_only_path_two_confs_false():
     """Without a descriptor-confidence channel desc_conf is conf, so the DPT still runs."""
     model = _model(ONECONF, 2)

@@ -323,7 +323,7 @@ class MASt3R(nn.Module):
         ``with_pts3d=False`` is the descriptor-only path: the DPT head is skipped and the
         intermediate decoder layers are not kept; the predictions then hold ``desc`` and ``desc_conf``.
         """
-        keep = self.conf.dpt_hooks if with_pts3d else ()
+        keep = self.conf.dpt_hooks if with_pts3d or not self.conf.two_confs else ()
         tokens1, tokens2 = self.decode(enc1, enc2, keep)
         pred1 = self._head(self.downstream_head1, enc1, tokens1, with_pts3d)
         pred2 = self._head(self.downstream_head2, enc2, tokens2, with_pts3d)
