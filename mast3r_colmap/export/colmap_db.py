@@ -66,8 +66,9 @@ CAMERA_MODES: tuple[str, ...] = ("auto", "single", "per-folder", "per-image")
 DEFAULT_FOCAL_LENGTH_FACTOR = 1.2
 #: Stored keypoints count as unchanged when every coordinate is within this many pixels.
 KEYPOINT_TOLERANCE = 1e-2
-#: Two-view verification defaults (hloc's ``estimation_and_geometric_verification``).
-DEFAULT_VERIFICATION_OPTIONS: dict[str, Any] = {"ransac": {"max_num_trials": 20000, "min_inlier_ratio": 0.1}}
+#: hloc's RANSAC settings, with a fixed seed so that verification is reproducible whatever the thread order.
+DEFAULT_VERIFICATION_OPTIONS: dict[str, Any] = {"ransac": {"max_num_trials": 20000, "min_inlier_ratio": 0.1,
+                                                        "random_seed": 0}}
 
 _DIAGONAL_35MM = 43.27  # mm, the constant COLMAP uses (hypot(36, 24) = 43.267)
 _EXIF_IFD = 0x8769
