@@ -63,12 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(path: Path, what: str) -> None:
-    folder = path if path.is_dir() else path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{what} {str(path)!r} is not writable")
+def _check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and prove that a file can be written there (root ignores modes)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -103,9 +107,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.images.is_dir():
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
-    if not args.database.parent.is_dir():
-        raise ValueError(f"folder of the database {str(args.database)!r} does not exist")
-    _check_writable(args.database, "database")
+    if args.database.is_dir():
+        raise ValueError(f"database path {str(args.database)!r} is a folder, expected a file")
+    _check_writable(args.database.parent, "folder of the database")
     for path, what in ((args.output, "output folder"), (args.export_h5, "hloc export folder")):
         if path is not None:
             _check_writable(path, what)
