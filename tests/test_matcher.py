@@ -1,0 +1,148 @@
+"""match_pair / Matcher: presets, coordinates in original-image pixels, coarse-to-fine mapping, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mast3r_colmap.images import load_image
+from mast3r_colmap.matching.extract import border_mask, extract_correspondences_nonsym
+from mast3r_colmap.matching.matcher import Matcher, MatcherConfig, get_config, match_pair
+from mast3r_colmap.model.mast3r import Encoding
+
+OFFSET = np.array([150.0, 100.0])  # (x, y) of image 1 inside the texture, relative to image 0
+
+
+class ImageDescriptorModel:
+    """A stand-in for MASt3R whose descriptors are a function of the local image content only.
+
+    encode() keeps the patchified pixels as "tokens"; predict() computes per-pixel descriptors from
+    the 5x5 neighbourhood (mean removed, L2-normalised): identical content gives identical descriptors,
+    so the matches between two crops of one texture are known exactly.
+    """
+
+    def __init__(self):
+        self.device = torch.device("cpu")
+        self.encoded = []
+
+    def encode(self, img: torch.Tensor) -> Encoding:
+        b, c, h, w = img.shape
+        self.encoded.append((h, w))
+        tokens = F.unfold(img, 16, stride=16).transpose(1, 2)  # (B, N, 3*256)
+        return Encoding(tokens, (h // 16, w // 16), 16)
+
+    def predict(self, enc0: Encoding, enc1: Encoding, with_pts3d: bool = True):
+        return self._describe(enc0), self._describe(enc1)
+
+    @staticmethod
+    def _describe(enc: Encoding):
+        h, w = enc.image_shape
+        img = F.fold(enc.tokens.transpose(1, 2), (h, w), 16, stride=16)
+        patches = F.unfold(F.pad(img, (2, 2, 2, 2), mode="replicate"), 5)  # (B, 75, H*W)
+        patches = patches - patches.mean(1, keepdim=True)
+        desc = F.normalize(patches, dim=1).transpose(1, 2).reshape(img.shape[0], h, w, -1)
+        return {"desc": desc, "desc_conf": torch.full((img.shape[0], h, w), 2.0)}
+
+
+@pytest.fixture(scope="module")
+def texture_pair(tmp_path_factory):
+    """Two 800x600 views of one texture, image 1 shifted by OFFSET: the true matches are xy0 = xy1 + OFFSET."""
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray((rng.random((80, 100, 3)) * 255).astype(np.uint8)).resize((1000, 800), Image.BICUBIC)
+    tex = np.asarray(smooth).astype(np.float32) * 0.8 + rng.random((800, 1000, 3)) * 50
+    tex = np.clip(tex, 0, 255).astype(np.uint8)
+    folder = tmp_path_factory.mktemp("tex")
+    ox, oy = OFFSET.astype(int)
+    Image.fromarray(tex[:600, :800]).save(folder / "a.png")
+    Image.fromarray(tex[oy:oy + 600, ox:ox + 800]).save(folder / "b.png")
+    return folder / "a.png", folder / "b.png"
+
+
+def test_presets():
+    assert get_config("default") == MatcherConfig()
+    assert get_config("hires").coarse_to_fine and not MatcherConfig().coarse_to_fine
+    assert get_config("sfm").mode == "symmetric"
+    assert get_config("default", batch_size=2).batch_size == 2
+    with pytest.raises(ValueError, match="unknown matcher preset"):
+        get_config("fast")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        MatcherConfig(image_size=500)
+    with pytest.raises(ValueError, match="unknown matching mode"):
+        MatcherConfig(mode="dense")
+
+
+def test_default_matches_in_original_pixels(texture_pair):
+    """The 512-px pass: matches mapped back to 1200x900 pixels agree with the true shift to ~1 network px."""
+    pm = match_pair(ImageDescriptorModel(), *texture_pair, "default")
+    assert pm.xy0.dtype == np.float64 and pm.scores.dtype == np.float32
+    assert len(pm) > 300
+    err = np.abs(pm.xy0 - (pm.xy1 + OFFSET))
+    scale = 800 / 512
+    assert np.median(err) < 0.5 * scale
+    assert np.mean(err.max(1) < 1.5 * scale) > 0.9
+    assert (pm.xy0[:, 0] >= 0).all() and (pm.xy0[:, 0] <= 799).all()
+    assert (pm.xy0[:, 1] >= 0).all() and (pm.xy0[:, 1] <= 599).all()
+
+
+def test_hires_is_exact_at_full_resolution(texture_pair):
+    """Coarse-to-fine: crops at native resolution give matches exactly on the true shift."""
+    model = ImageDescriptorModel()
+    coarse = match_pair(model, *texture_pair, "default")
+    model = ImageDescriptorModel()
+    fine = match_pair(model, *texture_pair, "hires")
+    assert len(fine) > 3 * len(coarse)
+    exact = np.all(fine.xy0 == fine.xy1 + OFFSET, axis=1)
+    # the rest come from crop pairs that only partly overlap (content absent from the other crop)
+    assert exact.mean() > 0.97, f"{exact.mean():.3f} of the fine matches are exact"
+    # integer full-resolution pixels, unique rows
+    assert np.array_equal(fine.xy0, np.round(fine.xy0))
+    assert len(np.unique(np.concatenate([fine.xy0, fine.xy1], 1), axis=0)) == len(fine)
+    # every crop is encoded once: the crop shapes are training resolutions
+    crops = [s for s in model.encoded if s != (384, 512)]
+    assert crops == [] or all(h % 16 == 0 and w % 16 == 0 for h, w in crops)
+
+
+def test_hires_equals_default_for_small_images(tmp_path):
+    rng = np.random.default_rng(1)
+    tex = np.asarray(Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((480, 360), Image.BICUBIC))
+    Image.fromarray(tex[:300, :400]).save(tmp_path / "a.png")
+    Image.fromarray(tex[20:320, 30:430]).save(tmp_path / "b.png")
+    a = match_pair(ImageDescriptorModel(), tmp_path / "a.png", tmp_path / "b.png", "default")
+    b = match_pair(ImageDescriptorModel(), tmp_path / "a.png", tmp_path / "b.png", "hires")
+    assert len(a) > 0
+    assert np.array_equal(a.xy0, b.xy0) and np.array_equal(a.xy1, b.xy1) and np.array_equal(a.scores, b.scores)
+
+
+def test_encodings_are_reused(texture_pair, tmp_path):
+    """Three pairs over three images: each image is encoded exactly once."""
+    a, b = texture_pair
+    c = tmp_path / "c.png"
+    Image.open(a).transpose(Image.FLIP_LEFT_RIGHT).save(c)
+    model = ImageDescriptorModel()
+    matcher = Matcher(model, "default")
+    out = list(matcher.match_pairs([(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]))
+    assert [(p.name0, p.name1) for p in out] == [(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]
+    assert len(model.encoded) == 3
+    assert matcher.encodings.misses == 3 and matcher.encodings.hits == 3
+
+
+def test_match_pair_equals_the_manual_steps(small_model, vectors, tmp_path):
+    """The real network: match_pair = load_image -> descriptors -> FRM both ways -> filters -> to_original."""
+    from conftest import DATA
+
+    p0 = DATA / "sacre_coeur" / "mapping" / "03903474_1471484089.jpg"
+    p1 = DATA / "sacre_coeur" / "mapping" / "02928139_3448003521.jpg"  # portrait with landscape
+    pm = match_pair(small_model, p0, p1, MatcherConfig(image_size=224))
+    im0, im1 = load_image(p0, 224), load_image(p1, 224)
+    with torch.no_grad():
+        e0, e1 = small_model.encode(im0.img), small_model.encode(im1.img)
+        d0, d1 = small_model.predict(e0, e1, with_pts3d=False)
+    m = extract_correspondences_nonsym(d0["desc"][0], d1["desc"][0], d0["desc_conf"][0], d1["desc_conf"][0])
+    keep = border_mask(m.xy1, m.xy2, im0.true_shape[0].tolist(), im1.true_shape[0].tolist(), 3) & (m.conf >= 1.001)
+    assert len(pm) == keep.sum() > 0
+    np.testing.assert_array_equal(pm.xy0, im0.to_original(m.xy1[keep].astype(np.float64)))
+    np.testing.assert_array_equal(pm.xy1, im1.to_original(m.xy2[keep].astype(np.float64)))
+    np.testing.assert_array_equal(pm.scores, m.conf[keep])
