@@ -41,6 +41,7 @@ __all__ = [
     "farthest_point_sampling",
     "mast3r_sfm_graph",
     "retrieval_graph",
+    "pairs_from_similarity",
     "pairs_from_spec",
 ]
 
@@ -427,6 +428,37 @@ def retrieval_graph(names: Sequence[str], global_descriptors: np.ndarray | torch
     return [(names[i], names[j]) for i, j in mast3r_sfm_graph(x @ x.T, n_keys, k, seed=seed)]
 
 
+def pairs_from_similarity(names: Sequence[str], similarity: np.ndarray | torch.Tensor, k: int,
+                          n_keys: int | None = None, seed: int = 0) -> list[Pair]:
+    """Pairs from an ``(N, N)`` image similarity (rows are queries; it need not be symmetric).
+
+    * ``n_keys=None``: each image ``i`` with its ``k`` most similar other images (``similarity[i]``
+      descending, ties to the lower index), as unordered unique pairs (``k`` clipped to ``N - 1``);
+    * otherwise :func:`mast3r_sfm_graph` (MASt3R-SfM ``retrieval-Na-k``, deterministic with ``seed``).
+    """
+    names = _check_names(names)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"retrieval k must be an integer >= 1, got {k!r}")
+    sim = _similarity(similarity)
+    n = len(names)
+    if sim.shape[0] != n:
+        raise ValueError(f"got a {sim.shape[0]}x{sim.shape[1]} similarity for {n} images")
+    if n < 2:
+        return []
+    if n_keys is not None:
+        return [(names[i], names[j]) for i, j in mast3r_sfm_graph(sim, n_keys, k, seed=seed)]
+    kk = min(int(k), n - 1)
+    idx: list[tuple[int, int]] = []
+    cols = np.arange(n)
+    for i in range(n):
+        others = cols[cols != i]
+        order = np.lexsort((others, -sim[i, others]))
+        idx.extend((i, int(j)) for j in others[order[:kk]])
+    pairs = _named(names, idx)
+    logger.debug("pairs_from_similarity(k=%d): %d images -> %d pairs", kk, n, len(pairs))
+    return pairs
+
+
 # --------------------------------------------------------------------------------------------------------
 # CLI spec
 
@@ -443,7 +475,8 @@ def _spec_int(text: str, what: str, spec: str, minimum: int = 1) -> int:
 
 def pairs_from_spec(spec: str, names: Sequence[str],
                     descriptors_fn: Callable[[list[str]], np.ndarray] | None = None,
-                    seed: int = 0) -> list[Pair]:
+                    seed: int = 0,
+                    similarity_fn: Callable[[list[str]], np.ndarray] | None = None) -> list[Pair]:
     """Pairs from a CLI spec string.
 
     * ``exhaustive`` -> :func:`exhaustive`
@@ -453,7 +486,10 @@ def pairs_from_spec(spec: str, names: Sequence[str],
     * anything else is the path of an hloc pairs file; its pairs are de-duplicated and put in the
       canonical order of ``names``; a name missing from ``names`` raises ValueError.
 
-    For retrieval specs ``descriptors_fn(names)`` must return the ``(N, D)`` global descriptors.
+    For retrieval specs ``descriptors_fn(names)`` must return the ``(N, D)`` global descriptors; when
+    ``similarity_fn`` is given it is used instead: ``similarity_fn(names)`` returns an ``(N, N)``
+    similarity (e.g. ASMK scores, :mod:`mast3r_colmap.retrieval`) and the pairs come from
+    :func:`pairs_from_similarity`.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty pairs spec; {_SPEC_HELP}")
@@ -490,10 +526,12 @@ def pairs_from_spec(spec: str, names: Sequence[str],
             n_keys, k = _spec_int(parts[0], "Na", spec), _spec_int(parts[1], "K", spec)
         else:
             raise ValueError(f"pairs spec {spec!r}: expected 'retrieval:K' or 'retrieval:Na,K'")
-        if descriptors_fn is None:
+        if descriptors_fn is None and similarity_fn is None:
             raise ValueError(f"pairs spec {spec!r} needs global descriptors, but no descriptors_fn was given")
         if len(names) < 2:
             return []
+        if similarity_fn is not None:
+            return pairs_from_similarity(names, similarity_fn(list(names)), k, n_keys=n_keys, seed=seed)
         desc = descriptors_fn(list(names))
         if n_keys is None:
             return retrieval(names, desc, k)

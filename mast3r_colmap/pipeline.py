@@ -114,10 +114,13 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
                 config: PipelineConfig = PipelineConfig(), output_dir: Optional[str | os.PathLike] = None,
                 export_h5: Optional[str | os.PathLike] = None,
                 store_path: Optional[str | os.PathLike] = None,
-                descriptors_fn=None, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                descriptors_fn=None, names: Optional[Sequence[str]] = None,
+                similarity_fn=None) -> Dict[str, Any]:
     """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran).
 
     ``names`` (relative image paths) defaults to :func:`usable_images` of ``image_dir``.
+    ``descriptors_fn`` / ``similarity_fn`` serve the ``retrieval:*`` pair specs (see
+    :func:`~.pairs.pairs_from_spec`; ``similarity_fn``, e.g. ASMK scores, takes precedence).
     """
     image_dir, database = Path(image_dir), Path(database)
     if not image_dir.is_dir():
@@ -128,7 +131,8 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     with colmap_db.open_database(database) as db:
         ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
                                       config.intrinsics)
-    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed)
+    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
+                            similarity_fn=similarity_fn)
     logger.info("%d pairs (%s)", len(pairs), config.pairs)
 
     with colmap_db.open_database(database) as db:

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("database", type=Path, help="COLMAP database to create or extend")
     p.add_argument("--pairs", default="exhaustive",
                    help="exhaustive | sequential:W[:loop] | retrieval:K | retrieval:Na,K | an hloc pairs file")
+    p.add_argument("--retrieval-model", type=Path, default=None,
+                   help="MASt3R-SfM training-free retrieval checkpoint (*_trainingfree.pth, with its "
+                        "*_codebook.pkl beside it): retrieval:* pairs then use ASMK similarities instead of "
+                        "pooled global descriptors")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
                    help="official .pth file, hub folder (config.json + model.safetensors) or hub id")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -121,11 +125,24 @@ def _run(args: argparse.Namespace) -> int:
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
     matcher_conf = get_config(args.preset, **overrides)
+    retriever = None
+    if args.retrieval_model is not None:
+        if args.pairs.strip().lower().startswith("retrieval:"):
+            from .retrieval import load_retriever
+
+            retriever = load_retriever(args.retrieval_model)  # bad files fail before the model is loaded
+        else:
+            logger.warning("--retrieval-model is only used by retrieval:* pairs, not by %r", args.pairs)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = load_model(args.checkpoint, device=args.device, amp_dtype=amp)
     matcher = Matcher(model, matcher_conf, image_dir=args.images, checkpoint=str(args.checkpoint))
+    similarity_fn = None
+    if retriever is not None:
+        retriever.check_encoder(model.conf.enc_embed_dim)
+        similarity_fn = retriever.similarity_fn(matcher)  # encodings shared with matching
     summary = reconstruct(args.images, args.database, matcher, config, output_dir=args.output,
-                          export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors, names=names)
+                          export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors, names=names,
+                          similarity_fn=similarity_fn)
     print(json.dumps(summary, indent=2))
     return 0
 
