@@ -124,6 +124,10 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
+    if args.pairs.strip().lower().startswith("retrieval:"):
+        # retrieval encodes every image first: keep all encodings so matching never re-encodes one
+        # (~3 MiB each at 512x384)
+        overrides["cache_size"] = max(get_config(args.preset).cache_size, len(names))
     matcher_conf = get_config(args.preset, **overrides)
     retriever = None
     if args.retrieval_model is not None:
