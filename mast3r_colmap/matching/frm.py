@@ -146,8 +146,7 @@ class _TorchSearch:
     """
 
     def __init__(self, db: torch.Tensor, block_size: int | None = None) -> None:
-        self.db = db.contiguous()
-        self.dbT = self.db.T.contiguous()
+        self.db = db.contiguous()  # (N, D); tiles are used as transposed views (no copy)
         self.n = db.shape[0]
         self.device = db.device
         cuda = self.device.type == "cuda"
@@ -177,16 +176,16 @@ class _TorchSearch:
         bdb = self._db_block(nq)
         starts = list(range(0, self.n, bdb))
         if len(starts) == 1:
-            return torch.argmax(q @ self.dbT, dim=1)
+            return torch.argmax(q @ self.db.T, dim=1)
         tile_max = torch.empty(len(starts), nq, dtype=q.dtype, device=self.device)
         scores = torch.empty(nq, bdb, dtype=q.dtype, device=self.device)
         for j, s in enumerate(starts):
             e = min(s + bdb, self.n)
             if e - s == bdb:
-                torch.mm(q, self.dbT[:, s:e], out=scores)
+                torch.mm(q, self.db[s:e].T, out=scores)
                 torch.amax(scores, dim=1, out=tile_max[j])
             else:
-                tile_max[j] = torch.amax(q @ self.dbT[:, s:e], dim=1)
+                tile_max[j] = torch.amax(q @ self.db[s:e].T, dim=1)
         best_tile = torch.argmax(tile_max, dim=0)  # first tile holding the maximum
         result = torch.empty(nq, dtype=torch.int64, device=self.device)
         tiles, inverse = torch.unique(best_tile, return_inverse=True)
@@ -198,7 +197,7 @@ class _TorchSearch:
             pos += c
             s = t * bdb
             e = min(s + bdb, self.n)
-            result[rows] = s + torch.argmax(q[rows] @ self.dbT[:, s:e], dim=1)
+            result[rows] = s + torch.argmax(q[rows] @ self.db[s:e].T, dim=1)
         return result
 
 
