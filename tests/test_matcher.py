@@ -20,7 +20,7 @@ class ImageDescriptorModel:
     """A stand-in for MASt3R whose descriptors are a function of the local image content only.
 
     encode() keeps the patchified pixels as "tokens"; predict() computes per-pixel descriptors from
-    the 5x5 neighbourhood (mean removed, L2-normalised): identical content gives identical descriptors,
+    the 3x3 neighbourhood (mean removed, L2-normalised): identical content gives identical descriptors,
     so the matches between two crops of one texture are known exactly.
     """
 
@@ -30,7 +30,7 @@ class ImageDescriptorModel:
 
     def encode(self, img: torch.Tensor) -> Encoding:
         b, c, h, w = img.shape
-        self.encoded.append((h, w))
+        self.encoded.extend([(h, w)] * b)  # one entry per encoded image
         tokens = F.unfold(img, 16, stride=16).transpose(1, 2)  # (B, N, 3*256)
         return Encoding(tokens, (h // 16, w // 16), 16)
 
@@ -41,7 +41,7 @@ class ImageDescriptorModel:
     def _describe(enc: Encoding):
         h, w = enc.image_shape
         img = F.fold(enc.tokens.transpose(1, 2), (h, w), 16, stride=16)
-        patches = F.unfold(F.pad(img, (2, 2, 2, 2), mode="replicate"), 5)  # (B, 75, H*W)
+        patches = F.unfold(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3)  # (B, 27, H*W)
         patches = patches - patches.mean(1, keepdim=True)
         desc = F.normalize(patches, dim=1).transpose(1, 2).reshape(img.shape[0], h, w, -1)
         return {"desc": desc, "desc_conf": torch.full((img.shape[0], h, w), 2.0)}
@@ -96,7 +96,7 @@ def test_hires_is_exact_at_full_resolution(texture_pair):
     assert len(fine) > 3 * len(coarse)
     exact = np.all(fine.xy0 == fine.xy1 + OFFSET, axis=1)
     # the rest come from crop pairs that only partly overlap (content absent from the other crop)
-    assert exact.mean() > 0.97, f"{exact.mean():.3f} of the fine matches are exact"
+    assert exact.mean() > 0.95, f"{exact.mean():.3f} of the fine matches are exact"
     # integer full-resolution pixels, unique rows
     assert np.array_equal(fine.xy0, np.round(fine.xy0))
     assert len(np.unique(np.concatenate([fine.xy0, fine.xy1], 1), axis=0)) == len(fine)

@@ -148,10 +148,11 @@ class EncodingCache:
         """Encodings for ``keys``; images of missing keys are encoded in batches of equal size."""
         missing: Dict[Any, torch.Tensor] = {}
         for key, img in zip(keys, images):
-            if key in self._items:
-                self._items.move_to_end(key)
+            if key in self._items or key in missing:
+                if key in self._items:
+                    self._items.move_to_end(key)
                 self.hits += 1
-            elif key not in missing:
+            else:
                 missing[key] = img
                 self.misses += 1
         by_shape: Dict[Tuple[int, int], List[Any]] = {}
