@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--backends", default=",".join(available_backends()),
                     help="comma-separated FRM backends to time (default: all available)")
+    ap.add_argument("--e2e-config", default="full", choices=["full", "small", "none"],
+                    help="network architecture for the end-to-end match_pair rows (test weights)")
+    ap.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end sequence")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -165,6 +169,52 @@ def main() -> None:
         frm = set(zip((ref[0] @ [1, w1]).tolist(), (ref[1] @ [1, w2]).tolist()))
         print(f"FRM pairs that are mutual NNs: {len(frm & mnn)}/{len(frm)} "
               f"(dense MNN finds {len(mnn)}): {'OK' if frm <= mnn else 'MISMATCH'}")
+
+
+    if args.e2e_config != "none":
+        print()
+        bench_match_pairs(args.e2e_config, args.e2e_images, devices)
+
+
+def bench_match_pairs(config: str, n_images: int, devices: list[str]) -> None:
+    """End-to-end Matcher throughput: n 1024x768 images matched as a sequence (i, i+1): each image
+    encoded once, descriptor-only decoding, FRM both ways, filters, mapping to original pixels."""
+    import tempfile
+
+    from PIL import Image
+
+    from mast3r_colmap.matching.matcher import Matcher
+    from mast3r_colmap.model import MASt3R
+    from mast3r_colmap.model.checkpoint import match_state_dict
+    from mast3r_colmap.testing.weights import make_state_dict
+
+    rng = np.random.default_rng(0)
+    folder = Path(tempfile.mkdtemp())
+    names = []
+    for i in range(n_images):
+        small = (rng.random((48, 64, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((1024, 768), Image.BICUBIC).save(folder / f"{i}.png")
+        names.append(str(folder / f"{i}.png"))
+    pairs = list(zip(names[:-1], names[1:]))
+    with torch.device("meta"):
+        model = MASt3R(config)
+    model.load_state_dict(match_state_dict(model, make_state_dict(config, 0)), assign=True)
+    model.eval()
+    print(f"match_pair end to end: '{config}' network (test weights), {n_images} images 1024x768 -> 512x384, "
+          f"{len(pairs)} sequential pairs, preset 'default'")
+    hdr = f"{'device':6} | {'pairs':>5} | {'total s':>8} | {'s/pair':>8} | {'pairs/s':>8} | {'matches/pair':>12}"
+    print(hdr)
+    print("-" * len(hdr))
+    for dev in devices:
+        model = model.to(dev)
+        matcher = Matcher(model, "default")
+        t0 = time.perf_counter()
+        out = list(matcher.match_pairs(pairs))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        print(f"{dev:6} | {len(pairs):5d} | {sec:8.2f} | {sec / len(pairs):8.2f} | {len(pairs) / sec:8.3f} | "
+              f"{np.mean([len(p) for p in out]):12.0f}")
 
 
 if __name__ == "__main__":
