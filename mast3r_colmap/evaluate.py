@@ -27,6 +27,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from .utils import text_records
+
 __all__ = ["THRESHOLDS", "evaluate", "format_recall", "main", "pose_error", "read_poses"]
 
 logger = logging.getLogger(__name__)
@@ -70,22 +72,17 @@ def read_poses(path: str | os.PathLike) -> Dict[str, Pose]:
     if not path.is_file():
         raise ValueError(f"poses file {str(path)!r} does not exist")
     out: Dict[str, Pose] = {}
-    with open(path, "r", encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            where = f"{path}:{lineno}: "
-            if len(parts) != 8:
-                raise ValueError(f"{where}expected 'name qw qx qy qz tx ty tz', got {len(parts)} fields")
-            try:
-                values = [float(v) for v in parts[1:]]
-            except ValueError:
-                raise ValueError(f"{where}non-numeric pose values") from None
-            if parts[0] in out:
-                raise ValueError(f"{where}{parts[0]!r} listed twice")
-            out[parts[0]] = _from_qt(values[:4], values[4:], where)
+    for where, parts in text_records(path):
+        where += ": "
+        if len(parts) != 8:
+            raise ValueError(f"{where}expected 'name qw qx qy qz tx ty tz', got {len(parts)} fields")
+        try:
+            values = [float(v) for v in parts[1:]]
+        except ValueError:
+            raise ValueError(f"{where}non-numeric pose values") from None
+        if parts[0] in out:
+            raise ValueError(f"{where}{parts[0]!r} listed twice")
+        out[parts[0]] = _from_qt(values[:4], values[4:], where)
     return out
 
 

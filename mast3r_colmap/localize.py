@@ -54,6 +54,7 @@ from scipy import sparse
 
 from .keypoints import KeypointConfig, consolidate
 from .structures import IndexMatches, PairMatches
+from .utils import check_writable, setup_logging, text_records
 
 __all__ = [
     "DEFAULT_FOCAL_PRIOR",
@@ -207,16 +208,10 @@ def read_queries(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Dict
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"queries file {str(path)!r} does not exist")
-        with open(path, "r", encoding="utf-8-sig") as f:
-            for lineno, raw in enumerate(f, start=1):
-                line = raw.strip()
-                if not line or line.startswith("#"):
-                    continue
-                tokens = line.split()
-                where = f"{path}:{lineno}"
-                if tokens[0] in out:
-                    raise ValueError(f"{where}: query {tokens[0]!r} listed twice")
-                out[tokens[0]] = _camera_from_tokens(tokens[1:], where) if len(tokens) > 1 else None
+        for where, tokens in text_records(path):
+            if tokens[0] in out:
+                raise ValueError(f"{where}: query {tokens[0]!r} listed twice")
+            out[tokens[0]] = _camera_from_tokens(tokens[1:], where) if len(tokens) > 1 else None
     return out
 
 
@@ -773,16 +768,6 @@ def build_matcher(args: argparse.Namespace) -> Any:
     return Matcher(model, matcher_config(args), image_dir=args.images, checkpoint=str(args.checkpoint))
 
 
-def _check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove that a file can be written there (root ignores modes)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ValueError(f"output folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
-
-
 def _load_reference(path: Path) -> pycolmap.Reconstruction:
     if not path.is_dir():
         raise ValueError(f"reference model {str(path)!r} is not a folder")
@@ -821,7 +806,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-loc must be >= 1, got {args.num_loc}")
     if args.output.is_dir():
         raise ValueError(f"output {str(args.output)!r} is a folder, expected a file")
-    _check_writable(args.output.parent)
+    check_writable(args.output.parent)
     retrieval = read_retrieval(args.pairs, args.num_loc)
     queries = read_queries(args.queries) if args.queries else {q: None for q in retrieval}
     if not queries:
@@ -850,10 +835,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point; bad input gives a message and exit code 2."""
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.verbose:
-        pycolmap.logging.minloglevel = 1
+    setup_logging(args.verbose)
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .utils import text_records
+
 __all__ = [
     "Pair",
     "exhaustive",
@@ -144,23 +146,18 @@ def read_pairs(path: str | os.PathLike, dedupe: bool = False) -> list[Pair]:
     pairs: list[Pair] = []
     seen: set[frozenset[str]] = set()
     n_dropped = 0
-    with open(path, "r", encoding="utf-8-sig") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
+    for where, parts in text_records(path):
+        if len(parts) != 2:
+            raise ValueError(f"{where}: expected 'name0 name1' (two names without spaces), "
+                             f"got {' '.join(parts)!r}")
+        a, b = parts
+        if dedupe:
+            key = frozenset((a, b))
+            if a == b or key in seen:
+                n_dropped += 1
                 continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: expected 'name0 name1' (two names without spaces), "
-                                 f"got {line!r}")
-            a, b = parts
-            if dedupe:
-                key = frozenset((a, b))
-                if a == b or key in seen:
-                    n_dropped += 1
-                    continue
-                seen.add(key)
-            pairs.append((a, b))
+            seen.add(key)
+        pairs.append((a, b))
     if n_dropped:
         logger.info("%s: dropped %d duplicate or self pairs", path, n_dropped)
     logger.debug("read %d pairs from %s", len(pairs), path)

@@ -34,7 +34,6 @@ projector is assumed to be an ``nn.Sequential`` (``projector.{3i}`` Linear, ``pr
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import logging
 import math
@@ -50,6 +49,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+
+from .model.checkpoint import load_training_container
 
 __all__ = [
     "RetrievalError",
@@ -338,13 +339,7 @@ def read_retrieval_checkpoint(path: str | os.PathLike) -> Tuple[RetrievalConfig,
     path = Path(path)
     if not path.is_file():
         raise RetrievalError(f"retrieval model {path} not found")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt, or holding objects other than tensors and Namespace
-        raise RetrievalError(f"cannot read retrieval model {path}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(ckpt, Mapping) or "args" not in ckpt or "model" not in ckpt:
-        raise RetrievalError(f"{path} is not a retrieval checkpoint (expected the keys 'args' and 'model')")
+    ckpt = load_training_container(path, RetrievalError, "retrieval model")
     config = RetrievalConfig.from_args(ckpt["args"], path)
     state = ckpt["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):

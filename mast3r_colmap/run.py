@@ -19,6 +19,7 @@ from typing import List, Optional
 from .keypoints import KeypointConfig
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
+from .utils import check_writable, setup_logging
 
 logger = logging.getLogger("mast3r_colmap")
 
@@ -67,26 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    """Create ``folder`` if needed and prove that a file can be written there (root ignores modes)."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.verbose:
-        import pycolmap
-
-        pycolmap.logging.minloglevel = 1  # COLMAP's INFO lines only with --verbose
+    setup_logging(args.verbose)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -113,10 +97,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
     if args.database.is_dir():
         raise ValueError(f"database path {str(args.database)!r} is a folder, expected a file")
-    _check_writable(args.database.parent, "folder of the database")
+    check_writable(args.database.parent, "folder of the database")
     for path, what in ((args.output, "output folder"), (args.export_h5, "hloc export folder")):
         if path is not None:
-            _check_writable(path, what)
+            check_writable(path, what)
     config = PipelineConfig(
         pairs=args.pairs, camera_mode=args.camera_mode, camera_model=args.camera_model,
         intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,

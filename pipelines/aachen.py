@@ -35,6 +35,7 @@ import pycolmap
 
 from mast3r_colmap.export import colmap_db
 from mast3r_colmap.keypoints import KeypointConfig
+from mast3r_colmap.utils import setup_logging
 from mast3r_colmap.localize import (LocalizationConfig, localize, logs_path, pairs_from_covisibility,
                                     read_queries, read_retrieval, triangulate_reference, write_logs,
                                     write_results)
@@ -162,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not args.verbose:
-        pycolmap.logging.minloglevel = 1
+    setup_logging(args.verbose)
     try:
         if args.num_covis < 1 or args.num_loc < 1 or args.max_kps < 0:
             raise ValueError("--num-covis and --num-loc must be >= 1, --max-kps >= 0")

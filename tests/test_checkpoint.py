@@ -122,7 +122,7 @@ def test_safe_unpickling_only(tmp_path):
     """A pickle with arbitrary objects is refused (weights_only), not executed."""
     path = tmp_path / "evil.pth"
     torch.save({"args": argparse.Namespace(model=constructor_string("small")), "model": {}, "extra": fractions.Fraction(1, 3)}, path)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read MASt3R checkpoint"):
         read_official_pth(path)
 
 

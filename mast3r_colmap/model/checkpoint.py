@@ -81,15 +81,24 @@ def _literal(node: ast.AST, text: str) -> Any:
 
 # ---- reading files ------------------------------------------------------------------------------
 
-def read_official_pth(path: str | os.PathLike) -> Tuple[MASt3RConfig, Dict[str, torch.Tensor]]:
-    """Configuration and state_dict of an official ``.pth`` checkpoint (safe unpickling only)."""
+def load_training_container(path: str | os.PathLike, error: type = None, what: str = "checkpoint") -> Mapping:
+    """``{'args': Namespace, 'model': state_dict, ...}`` as the official training code saves it, read with
+    ``torch.load(weights_only=True)`` and only ``argparse.Namespace`` allow-listed; ``error`` (default
+    :class:`CheckpointError`) is raised for unreadable files or other contents."""
+    error = error or CheckpointError
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupt, or holding objects other than tensors and Namespace
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        raise error(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(ckpt, Mapping) or "model" not in ckpt or "args" not in ckpt:
-        raise CheckpointError(f"{path} is not an official MASt3R checkpoint (expected the keys 'args' and 'model')")
+        raise error(f"{path} is not an official {what} (expected the keys 'args' and 'model')")
+    return ckpt
+
+
+def read_official_pth(path: str | os.PathLike) -> Tuple[MASt3RConfig, Dict[str, torch.Tensor]]:
+    """Configuration and state_dict of an official ``.pth`` checkpoint (safe unpickling only)."""
+    ckpt = load_training_container(path, CheckpointError, "MASt3R checkpoint")
     model_str = getattr(ckpt["args"], "model", None)
     if not isinstance(model_str, str):
         raise CheckpointError(f"{path}: args.model (the constructor string) is missing")
