@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .utils import text_records
+from .utils import EXIT_BAD_INPUT, text_records
 
 __all__ = ["THRESHOLDS", "evaluate", "format_recall", "main", "pose_error", "read_poses"]
 
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: (max position error in meters, max rotation error in degrees) of Aachen Day-Night.
 THRESHOLDS: Tuple[Tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
-EXIT_BAD_INPUT = 2
 
 Pose = Tuple[np.ndarray, np.ndarray]  # (R (3, 3), t (3,)) of cam_from_world
 PosesLike = Union[str, os.PathLike, Mapping[str, Any]]

@@ -54,7 +54,7 @@ from scipy import sparse
 
 from .keypoints import KeypointConfig, consolidate
 from .structures import IndexMatches, PairMatches
-from .utils import check_writable, setup_logging, text_records
+from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging, text_records
 
 __all__ = [
     "DEFAULT_FOCAL_PRIOR",
@@ -77,7 +77,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
 #: Focal length prior of a query without intrinsics, as a multiple of max(W, H) (COLMAP's default).
 DEFAULT_FOCAL_PRIOR = 1.2
 #: Reference keypoints and model points2D agree when every coordinate is within this many pixels.
@@ -836,19 +835,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point; bad input gives a message and exit code 2."""
     args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
     setup_logging(args.verbose)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return 130
-    except (ValueError, OSError, RuntimeError) as exc:  # bad input: a message, never a traceback
-        from .model.checkpoint import CheckpointError
+    return run_cli(_run, args)
 
-        if isinstance(exc, RuntimeError) and not isinstance(exc, CheckpointError):
-            raise
-        logger.debug("details", exc_info=True)
-        logger.error("%s", exc)
-        return EXIT_BAD_INPUT
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,11 +19,10 @@ from typing import List, Optional
 from .keypoints import KeypointConfig
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
-from .utils import check_writable, setup_logging
+from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging
 
 logger = logging.getLogger("mast3r_colmap")
 
-EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,19 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        return _run(args)
-    except KeyboardInterrupt:
-        logger.error("interrupted; run the same command again to resume")
-        return 130
-    except (ValueError, OSError, RuntimeError) as exc:  # bad input: a message, never a traceback
-        from .images import ImageLoadError
-        from .model.checkpoint import CheckpointError
-
-        if args.verbose or not isinstance(exc, (ValueError, OSError, CheckpointError, ImageLoadError)):
-            logger.debug("details", exc_info=True)
-        logger.error("%s", exc)
-        return EXIT_BAD_INPUT
+    return run_cli(_run, args, "run the same command again to resume")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 
 def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
@@ -43,3 +43,24 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         pycolmap.logging.minloglevel = 1
+
+
+#: Exit code of the command lines for bad input (missing files, unreadable images or checkpoints, ...).
+EXIT_BAD_INPUT = 2
+
+
+def run_cli(run: Callable[[Any], int], args: Any, interrupted_hint: str = "") -> int:
+    """Run a command line's body: bad input (ValueError, OSError, checkpoint errors) is logged as one
+    message with exit code 2, never a traceback (shown with --verbose); Ctrl-C exits with 130."""
+    from .model.checkpoint import CheckpointError
+
+    log = logging.getLogger("mast3r_colmap")
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log.error("interrupted%s", f"; {interrupted_hint}" if interrupted_hint else "")
+        return 130
+    except (ValueError, OSError, CheckpointError) as exc:
+        log.debug("details", exc_info=True)
+        log.error("%s", exc)
+        return EXIT_BAD_INPUT

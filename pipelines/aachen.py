@@ -35,7 +35,7 @@ import pycolmap
 
 from mast3r_colmap.export import colmap_db
 from mast3r_colmap.keypoints import KeypointConfig
-from mast3r_colmap.utils import setup_logging
+from mast3r_colmap.utils import EXIT_BAD_INPUT, setup_logging
 from mast3r_colmap.localize import (LocalizationConfig, localize, logs_path, pairs_from_covisibility,
                                     read_queries, read_retrieval, triangulate_reference, write_logs,
                                     write_results)
@@ -45,7 +45,6 @@ from mast3r_colmap.store import MatchStore, config_key
 logger = logging.getLogger("pipelines.aachen")
 
 RESULTS_NAME = "Aachen-v1.1_mast3r-colmap.txt"
-EXIT_BAD_INPUT = 2
 
 
 def dataset_layout(dataset: str | os.PathLike) -> Dict[str, Any]:
