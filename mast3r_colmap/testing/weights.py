@@ -156,7 +156,10 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hub", action="store_true", help="write the hub layout (config.json + model.safetensors)")
     args = parser.parse_args(argv)
+    parent = os.path.dirname(os.path.abspath(args.output)) if not args.hub else args.output
+    os.makedirs(parent, exist_ok=True)
     (write_hub_dir if args.hub else write_official_pth)(args.output, args.config, args.seed)
+    print(f"wrote untrained '{args.config}' test weights (seed {args.seed}) to {args.output}")
 
 
 if __name__ == "__main__":
