@@ -1,0 +1,41 @@
+"""The README's main job on the bundled example, with the small test checkpoint (untrained weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pycolmap
+
+from mast3r_colmap.images import list_images
+from mast3r_colmap.run import main
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "sacre_coeur" / "images"
+
+
+def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys):
+    db = tmp_path / "database.db"
+    code = main([str(EXAMPLE), str(db), "--checkpoint", str(small_pth), "--pairs", "sequential:2",
+                 "--export-h5", str(tmp_path / "h5"), "--output", str(tmp_path / "sparse"), "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = list_images(EXAMPLE)
+    assert summary["num_images"] == len(names) == 5 and summary["num_pairs"] == 7
+    with pycolmap.Database.open(str(db)) as d:
+        assert sorted(im.name for im in d.read_all_images()) == names
+        assert d.num_cameras() == 5  # 'auto' camera mode: the five photos have five sizes
+        sizes = {im.name: (d.read_camera(im.camera_id).width, d.read_camera(im.camera_id).height)
+                 for im in d.read_all_images()}
+        for im in d.read_all_images():
+            kps = np.asarray(d.read_keypoints(im.image_id))[:, :2]
+            w, h = sizes[im.name]
+            assert len(kps) > 0 and kps.min() >= 0 and (kps[:, 0] <= w).all() and (kps[:, 1] <= h).all()
+        assert d.num_matches() > 0
+    with h5py.File(tmp_path / "h5" / "features.h5", "r") as f:
+        for name in names:
+            assert f[name]["keypoints"].dtype == np.float32
+            assert tuple(f[name]["image_size"][()]) == sizes[name]
+    assert (tmp_path / "h5" / "pairs.txt").read_text().count("\n") == 6  # 7 pairs, no trailing newline
+    assert (tmp_path / "database.db.mast3r-matches.sqlite").is_file()
