@@ -30,6 +30,8 @@ class ImageDescriptorModel:
 
     def encode(self, img: torch.Tensor) -> Encoding:
         b, c, h, w = img.shape
+        if h % 16 or w % 16:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size 16")
         self.encoded.extend([(h, w)] * b)  # one entry per encoded image
         tokens = F.unfold(img, 16, stride=16).transpose(1, 2)  # (B, N, 3*256)
         return Encoding(tokens, (h // 16, w // 16), 16)
@@ -114,6 +116,17 @@ def test_hires_equals_default_for_small_images(tmp_path):
     b = match_pair(ImageDescriptorModel(), tmp_path / "a.png", tmp_path / "b.png", "hires")
     assert len(a) > 0
     assert np.array_equal(a.xy0, b.xy0) and np.array_equal(a.xy1, b.xy1) and np.array_equal(a.scores, b.scores)
+
+
+def test_hires_with_one_small_image(texture_pair, tmp_path):
+    """A large image with a small one (410x330): the small one's crop is the image cut to multiples of 16."""
+    a, _ = texture_pair
+    img = Image.open(a)
+    img.crop((100, 100, 510, 430)).save(tmp_path / "small.png")  # 410x330 at offset (100, 100) of image a
+    pm = match_pair(ImageDescriptorModel(), a, tmp_path / "small.png", "hires")
+    exact = np.all(pm.xy0 == pm.xy1 + 100, axis=1)
+    assert len(pm) > 1000 and exact.mean() > 0.9  # crops of a reach beyond what the small image shows
+    assert pm.xy1[:, 0].max() < 400 and pm.xy1[:, 1].max() < 320  # inside the 400x320 crop
 
 
 def test_encodings_are_reused(texture_pair, tmp_path):

@@ -29,7 +29,7 @@ import torch
 from ..images import LoadedImage, load_image, load_original
 from ..model.mast3r import Encoding, MASt3R
 from ..structures import PairMatches
-from .coarse_to_fine import needs_coarse_to_fine, select_crop_pairs
+from .coarse_to_fine import needs_coarse_to_fine, select_crop_pairs, training_resolution
 from .dense import DenseView, DescriptorSource
 from .extract import (Matches, border_mask, extract_correspondences_nonsym,
                       extract_correspondences_symmetric)
@@ -278,7 +278,8 @@ class Matcher:
         if not (needs_coarse_to_fine(h0, w0, maxdim) or needs_coarse_to_fine(h1, w1, maxdim)):
             return coarse
         crops = select_crop_pairs((h0, w0), (h1, w1), coarse.xy0, coarse.xy1, maxdim=maxdim,
-                                  overlap=self.conf.crop_overlap)
+                                  overlap=self.conf.crop_overlap,
+                                  forced_resolution=(_crop_size(h0, w0, maxdim), _crop_size(h1, w1, maxdim)))
         if not crops:
             logger.debug("%s/%s: no crop pair covers the coarse matches, keeping them", im0.name, im1.name)
             return coarse
@@ -318,6 +319,13 @@ class Matcher:
                 m = _filter(m, (b0 - t0, r0 - l0), (b1 - t1, r1 - l1), self.conf)
                 results[i] = Matches(m.xy1 + np.array([l0, t0]), m.xy2 + np.array([l1, t1]), m.conf)
         return [results[i] for i in range(len(crops))]
+
+
+def _crop_size(height: int, width: int, maxdim: int, patch: int = 16) -> Tuple[int, int]:
+    """Crop (H, W) for coarse-to-fine: the training resolution of the image's aspect class, clipped to
+    the image and rounded down to the patch size (a small image is then cropped, not resized)."""
+    h, w = training_resolution(height, width, maxdim)
+    return min(h, height - height % patch), min(w, width - width % patch)
 
 
 def _unique_best(xy0: np.ndarray, xy1: np.ndarray, scores: np.ndarray):
