@@ -414,32 +414,14 @@ def triangulate_reference(reference: pycolmap.Reconstruction | str | os.PathLike
     ``output_dir``).
     """
     from . import mapping
-    from .export import colmap_db
-    from .pipeline import default_store_path, match_into_store
-    from .store import MatchStore, config_key
-    from .structures import ImageKeypoints
+    from .pipeline import match_into_database
 
     rec = reference if isinstance(reference, pycolmap.Reconstruction) else _load_reference(Path(reference))
     ids = mapping.database_from_reconstruction(rec, database)
     unknown = sorted({n for p in pairs for n in p if n not in ids})
     if unknown:
         raise ValueError(f"{len(unknown)} image(s) of the pairs are not in the reference model: {unknown[:5]}")
-    with colmap_db.open_database(database) as db:
-        in_db = colmap_db.existing_pairs(db)
-        fixed = colmap_db.existing_keypoints(db)
-    new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
-    logger.info("reference matching: %d pairs (%d already in the database)", len(new_pairs),
-                len(pairs) - len(new_pairs))
-    store_path = Path(store_path) if store_path else default_store_path(database)
-    with MatchStore(store_path, config_key(matcher.settings())) as store:
-        match_into_store(matcher, new_pairs, store, progress)
-        kps, matches = consolidate(store.get_many(new_pairs), keypoints, fixed=fixed)
-    for name in ids:  # every reference image gets a keypoint set (empty if unmatched)
-        if name not in kps and name not in fixed:
-            kps[name] = ImageKeypoints(name, np.zeros((0, 2)))
-    colmap_db.write_features_and_matches(database, ids, kps, matches)
-    if pairs:
-        colmap_db.verify_matches(database, pairs)
+    match_into_database(database, ids, pairs, matcher, keypoints, store_path, progress)
     return mapping.triangulate(rec, database, image_dir, output_dir)
 
 

@@ -110,6 +110,39 @@ def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], sto
     return len(todo)
 
 
+def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pairs: Sequence[Tuple[str, str]],
+                        matcher: PairMatcher, keypoint_conf: KeypointConfig = KeypointConfig(),
+                        store_path: Optional[str | os.PathLike] = None, progress: bool = True):
+    """Match the pairs the database lacks (through the resumable store), consolidate keypoints (images
+    that already have keypoints keep them), write keypoints and matches in one transaction, verify.
+
+    Returns ``(keypoints, matches, verified)``: the consolidated values of this call and
+    ``{pair: number of inliers}`` of the verification of ``pairs``.
+    """
+    with colmap_db.open_database(database) as db:
+        in_db = colmap_db.existing_pairs(db)
+        fixed = colmap_db.existing_keypoints(db)
+    new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
+    if len(new_pairs) < len(pairs):
+        logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
+
+    store_path = Path(store_path) if store_path else default_store_path(database)
+    with MatchStore(store_path, config_key(matcher.settings())) as store:
+        match_into_store(matcher, new_pairs, store, progress)
+        keypoints, matches = consolidate(store.get_many(new_pairs), keypoint_conf, fixed=fixed)
+    logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
+                sum(len(k) for k in keypoints.values()), len(keypoints),
+                sum(len(m) for m in matches), len(matches))
+    for name in ids:  # images without any match still get an (empty) keypoint set
+        if name not in keypoints and name not in fixed:
+            keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
+    colmap_db.write_features_and_matches(database, ids, keypoints, matches)
+    verified = colmap_db.verify_matches(database, pairs) if pairs else {}
+    logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
+                len(verified))
+    return keypoints, matches, verified
+
+
 def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, matcher: PairMatcher,
                 config: PipelineConfig = PipelineConfig(), output_dir: Optional[str | os.PathLike] = None,
                 export_h5: Optional[str | os.PathLike] = None,
@@ -135,29 +168,9 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
                             similarity_fn=similarity_fn)
     logger.info("%d pairs (%s)", len(pairs), config.pairs)
 
-    with colmap_db.open_database(database) as db:
-        in_db = colmap_db.existing_pairs(db)
-        fixed = colmap_db.existing_keypoints(db)
-    new_pairs = [p for p in pairs if frozenset(p) not in in_db]
-    if len(new_pairs) < len(pairs):
-        logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
-
-    store_path = Path(store_path) if store_path else default_store_path(database)
-    with MatchStore(store_path, config_key(matcher.settings())) as store:
-        match_into_store(matcher, new_pairs, store, config.progress)
-        raw = list(store.get_many(new_pairs))
-
-    keypoints, matches = consolidate(raw, config.keypoints, fixed=fixed)
-    logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
-                sum(len(k) for k in keypoints.values()), len(keypoints),
-                sum(len(m) for m in matches), len(matches))
-    for name in names:  # images without any match still get an (empty) keypoint set
-        if name not in keypoints and name not in fixed:
-            keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
-    colmap_db.write_features_and_matches(database, ids, keypoints, matches)
-    verified = colmap_db.verify_matches(database, pairs) if pairs else {}
+    keypoints, matches, verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
+                                                       store_path, config.progress)
     n_verified = sum(1 for v in verified.values() if v > 0)
-    logger.info("geometric verification: %d of %d pairs kept", n_verified, len(verified))
 
     if export_h5 is not None:
         export_hloc(export_h5, database, image_dir, keypoints, matches, pairs)
