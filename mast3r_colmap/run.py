@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -19,7 +18,7 @@ from typing import List, Optional
 from .keypoints import KeypointConfig
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
-from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging
+from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging  # noqa: F401 (EXIT_BAD_INPUT re-exported)
 
 logger = logging.getLogger("mast3r_colmap")
 
