@@ -159,3 +159,21 @@ def test_match_pair_equals_the_manual_steps(small_model, vectors, tmp_path):
     np.testing.assert_array_equal(pm.xy0, im0.to_original(m.xy1[keep].astype(np.float64)))
     np.testing.assert_array_equal(pm.xy1, im1.to_original(m.xy2[keep].astype(np.float64)))
     np.testing.assert_array_equal(pm.scores, m.conf[keep])
+
+
+def test_sfm_preset_equals_symmetric_extraction(small_model):
+    """The 'sfm' preset: symmetric inference + MASt3R-SfM correspondences (score sqrt(q1 q2))."""
+    from conftest import DATA
+    from mast3r_colmap.matching.extract import extract_correspondences_symmetric
+
+    p0 = DATA / "sacre_coeur" / "mapping" / "03903474_1471484089.jpg"
+    p1 = DATA / "sacre_coeur" / "mapping" / "10265353_3838484249.jpg"
+    pm = match_pair(small_model, p0, p1, get_config("sfm", image_size=224))
+    im0, im1 = load_image(p0, 224), load_image(p1, 224)
+    with torch.no_grad():
+        res = small_model.symmetric(small_model.encode(im0.img), small_model.encode(im1.img))
+    m = extract_correspondences_symmetric([r["desc"][0] for r in res], [r["desc_conf"][0] for r in res])
+    keep = border_mask(m.xy1, m.xy2, im0.true_shape[0].tolist(), im1.true_shape[0].tolist(), 3)
+    assert len(pm) == keep.sum() > 0
+    np.testing.assert_array_equal(pm.xy0, im0.to_original(m.xy1[keep].astype(np.float64)))
+    np.testing.assert_array_equal(pm.scores, m.conf[keep])
