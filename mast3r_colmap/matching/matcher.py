@@ -91,12 +91,18 @@ def _filter(m: Matches, shape0: Tuple[int, int], shape1: Tuple[int, int], conf: 
     return m.select(keep)
 
 
+def _extract_nonsym(desc0: torch.Tensor, desc1: torch.Tensor, conf0: torch.Tensor, conf1: torch.Tensor,
+                    conf: MatcherConfig) -> Matches:
+    """COLMAP-export correspondences of two dense maps, border- and confidence-filtered."""
+    m = extract_correspondences_nonsym(desc0, desc1, conf0, conf1, subsample=conf.subsample,
+                                       pixel_tol=conf.pixel_tol)
+    return _filter(m, tuple(desc0.shape[:2]), tuple(desc1.shape[:2]), conf)
+
+
 def match_views(view0: DenseView, view1: DenseView, conf: MatcherConfig = MatcherConfig(),
                 names: Tuple[str, str] = ("image0", "image1")) -> PairMatches:
     """Correspondences of two dense views (COLMAP-export mode), in original-image pixels."""
-    m = extract_correspondences_nonsym(view0.desc, view1.desc, view0.conf, view1.conf,
-                                       subsample=conf.subsample, pixel_tol=conf.pixel_tol)
-    m = _filter(m, view0.shape, view1.shape, conf)
+    m = _extract_nonsym(view0.desc, view1.desc, view0.conf, view1.conf, conf)
     return PairMatches(names[0], names[1], view0.to_original(m.xy1.astype(np.float64)),
                        view1.to_original(m.xy2.astype(np.float64)), m.conf)
 
@@ -233,17 +239,14 @@ class Matcher:
         preds = self._describe([a for a, _ in batch], [b for _, b in batch])
         out = []
         for i, (im0, im1) in enumerate(batch):
-            shape0, shape1 = tuple(im0.true_shape[0].tolist()), tuple(im1.true_shape[0].tolist())
             if self.conf.mode == "symmetric":
-                res = [p for p in preds]
-                m = extract_correspondences_symmetric([r["desc"][i] for r in res], [r["desc_conf"][i] for r in res],
+                m = extract_correspondences_symmetric([r["desc"][i] for r in preds],
+                                                      [r["desc_conf"][i] for r in preds],
                                                       subsample=self.conf.subsample)
+                m = _filter(m, tuple(im0.true_shape[0].tolist()), tuple(im1.true_shape[0].tolist()), self.conf)
             else:
                 p0, p1 = preds
-                m = extract_correspondences_nonsym(p0["desc"][i], p1["desc"][i], p0["desc_conf"][i],
-                                                   p1["desc_conf"][i], subsample=self.conf.subsample,
-                                                   pixel_tol=self.conf.pixel_tol)
-            m = _filter(m, shape0, shape1, self.conf)
+                m = _extract_nonsym(p0["desc"][i], p1["desc"][i], p0["desc_conf"][i], p1["desc_conf"][i], self.conf)
             out.append(PairMatches(im0.name, im1.name, im0.to_original(m.xy1.astype(np.float64)),
                                    im1.to_original(m.xy2.astype(np.float64)), m.conf))
         return out
@@ -313,10 +316,7 @@ class Matcher:
             p0, p1 = self.model.predict(Encoding.cat(enc0), Encoding.cat(enc1), with_pts3d=False)
             for j, i in enumerate(idx):
                 (l0, t0, r0, b0), (l1, t1, r1, b1) = crops[i]
-                m = extract_correspondences_nonsym(p0["desc"][j], p1["desc"][j], p0["desc_conf"][j],
-                                                   p1["desc_conf"][j], subsample=self.conf.subsample,
-                                                   pixel_tol=self.conf.pixel_tol)
-                m = _filter(m, (b0 - t0, r0 - l0), (b1 - t1, r1 - l1), self.conf)
+                m = _extract_nonsym(p0["desc"][j], p1["desc"][j], p0["desc_conf"][j], p1["desc_conf"][j], self.conf)
                 results[i] = Matches(m.xy1 + np.array([l0, t0]), m.xy2 + np.array([l1, t1]), m.conf)
         return [results[i] for i in range(len(crops))]
 
