@@ -27,6 +27,7 @@ from . import mapping
 from .export import colmap_db, hloc_h5
 from .images import ImageLoadError, list_images, validate_image
 from .keypoints import KeypointConfig, consolidate
+from .matching.schedule import schedule_pairs
 from .pairs import pairs_from_spec, write_pairs
 from .store import MatchStore, config_key
 from .structures import ImageKeypoints, PairMatches
@@ -37,7 +38,11 @@ MAPPERS = ("incremental", "global", "none")
 
 
 class PairMatcher(Protocol):
-    """What the pipeline needs from a matcher."""
+    """What the pipeline needs from a matcher.
+
+    A matcher that caches per-image work may also have a ``cache_size`` attribute (images it keeps):
+    the pipeline then matches the pairs in the order of :func:`~.matching.schedule.schedule_pairs`.
+    """
 
     def settings(self) -> Dict[str, Any]:
         """Everything that determines the matches (keys the resumable store)."""
@@ -97,10 +102,17 @@ def usable_images(image_dir: str | os.PathLike, strict: bool = False, progress: 
 
 def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], store: MatchStore,
                      progress: bool = True) -> int:
-    """Match the pairs the store does not hold yet, committing each as it finishes."""
+    """Match the pairs the store does not hold yet, committing each as it finishes.
+
+    With a matcher that has a ``cache_size``, the pairs are matched in a cache-friendly order
+    (:func:`~.matching.schedule.schedule_pairs`); the store does not depend on the order.
+    """
     done = store.done_pairs()
     todo = [p for p in pairs if frozenset(p) not in done]
     logger.info("matching: %d pairs to do, %d already in the store", len(todo), len(pairs) - len(todo))
+    cache_size = getattr(matcher, "cache_size", None)
+    if cache_size:
+        todo = schedule_pairs(todo, cache_size)
     bar = tqdm(total=len(todo), desc="matching", unit="pair", disable=not progress)
     for pm in matcher.match_pairs(todo):
         store.put(pm)

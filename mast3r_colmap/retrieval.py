@@ -455,7 +455,7 @@ def retrieval_features(matcher: Any, names: Sequence[str], model: RetrievalModel
     Images are loaded by ``matcher.image(name)`` and encoded through ``matcher.encodings.get_many`` with
     the key ``(name, None)``, exactly as matching does, so an image is encoded once for both as long as
     its encoding is still in the cache when its pairs are matched. The cache is an LRU of
-    ``matcher.conf.cache_size`` encodings (default 64; about ``S * C * 4`` bytes each, 3 MiB for a
+    ``matcher.conf.cache_size`` encodings (default 128; about ``S * C * 4`` bytes each, 3 MiB for a
     512x384 image with the ViT-L encoder): with more images than that, the encodings of the first images
     are evicted while the later ones are described, and matching encodes them again (the encoder then
     runs up to twice per image, as it would for the pooled global descriptors). A larger cache
