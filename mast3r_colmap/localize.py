@@ -53,6 +53,7 @@ import pycolmap
 from scipy import sparse
 
 from .keypoints import KeypointConfig, consolidate
+from .matching.schedule import schedule_groups
 from .structures import IndexMatches, PairMatches
 from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging, text_records
 
@@ -583,7 +584,9 @@ def localize(queries: Mapping[str, Optional[pycolmap.Camera]], retrieval: Mappin
 
     Args:
         queries: ``{name: camera}`` (COLMAP convention), ``None`` to estimate the focal length (the image
-            size is then read from ``image_dir``). Results follow this order.
+            size is then read from ``image_dir``). Results follow this order; with a matcher that has a
+            ``cache_size``, queries are processed in the order of :func:`~.matching.schedule.schedule_groups`
+            (queries sharing reference images together, so those are encoded fewer times).
         retrieval: ``{query: [reference image, ...]}``, best first (e.g. :func:`read_retrieval`).
         reference: the reference model (registered images and their 3D points).
         ref_keypoints: ``{reference image: (K, 2)}`` in hloc's convention, index-aligned with the model's
@@ -613,10 +616,16 @@ def localize(queries: Mapping[str, Optional[pycolmap.Camera]], retrieval: Mappin
         if first is not None:
             ref.get(first)
             break
+    retrieved_of = {name: [db for db in dict.fromkeys(retrieval.get(name, ())) if db != name] for name in queries}
+    order = list(queries)
+    cache_size = getattr(matcher, "cache_size", None)
+    if cache_size:  # queries that share reference images are matched one after the other
+        order = schedule_groups({q: [(q, db) for db in retrieved_of[q]] for q in order}, cache_size)
     results: Dict[str, QueryResult] = {}
-    for name, camera in tqdm(list(queries.items()), desc="localizing", unit="query", disable=not progress):
+    for name in tqdm(order, desc="localizing", unit="query", disable=not progress):
+        camera = queries[name]
         t0 = time.perf_counter()
-        retrieved = [db for db in dict.fromkeys(retrieval.get(name, ())) if db != name]
+        retrieved = retrieved_of[name]
         fallback = next((db for db in retrieved if db in ref.ids), None)
         result = QueryResult(name=name, success=False, retrieved=retrieved,
                              cam_from_world=ref.pose(fallback) if fallback else pycolmap.Rigid3d())
@@ -639,6 +648,7 @@ def localize(queries: Mapping[str, Optional[pycolmap.Camera]], retrieval: Mappin
                          result.num_correspondences, result.num_matches,
                          " (focal estimated)" if result.focal_estimated else "")
         results[name] = result
+    results = {name: results[name] for name in queries}
     ok = sum(r.success for r in results.values())
     logger.info("localised %d / %d queries", ok, len(results))
     return results

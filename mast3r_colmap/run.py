@@ -21,6 +21,7 @@ from .pipeline import MAPPERS, PipelineConfig
 from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging  # noqa: F401 (EXIT_BAD_INPUT re-exported)
 
 logger = logging.getLogger("mast3r_colmap")
+_RETRIEVAL_CACHE = 1024  # encodings kept when retrieval pairs are used (see main)
 
 
 
@@ -95,9 +96,10 @@ def _run(args: argparse.Namespace) -> int:
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     overrides = {"batch_size": args.batch_size} if args.batch_size else {}
     if args.pairs.strip().lower().startswith("retrieval:"):
-        # retrieval encodes every image first: keep all encodings so matching never re-encodes one
-        # (~3 MiB each at 512x384)
-        overrides["cache_size"] = max(get_config(args.preset).cache_size, len(names))
+        # retrieval encodes every image first: keep the encodings so matching does not re-encode them
+        # (3 MiB each for ViT-L at 512x384; at most 1024 of them, beyond that the pair schedule keeps
+        # re-encoding rare)
+        overrides["cache_size"] = max(get_config(args.preset).cache_size, min(len(names), _RETRIEVAL_CACHE))
     matcher_conf = get_config(args.preset, **overrides)
     retriever = None
     if args.retrieval_model is not None:

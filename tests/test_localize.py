@@ -217,6 +217,35 @@ def test_synthetic_queries(mapped, tmp_path):
     assert stats["recall"][0]["recall"] == 1.0 and stats["num_missing"] == 0
 
 
+class _CachingMatcher:
+    """The synthetic matcher with a cache size: records the order in which pairs are matched."""
+
+    def __init__(self, base, cache_size):
+        self.base, self.cache_size, self.matched = base, cache_size, []
+
+    def match_pairs(self, pairs):
+        for pair in pairs:
+            self.matched.append(tuple(pair))
+            yield from self.base.match_pairs([pair])
+
+
+def test_queries_sharing_references_are_matched_together(mapped):
+    """Queries listed out of order are processed in the schedule_groups order; results keep the given order."""
+    from mast3r_colmap.matching.schedule import count_encodings, schedule_groups
+
+    names = mapped.query_names
+    given = names[0::3] + names[1::3] + names[2::3]  # neighbours (which share references) far apart
+    queries = {q: mapped.scene.camera(q) for q in given}
+    matcher = _CachingMatcher(mapped.matcher, cache_size=4)
+    results = loc.localize(queries, mapped.retrieval, mapped.model, mapped.ref_keypoints, matcher)
+    assert list(results) == given and all(r.success for r in results.values())
+    groups = {q: [(q, db) for db in mapped.retrieval[q]] for q in given}
+    expected = [p for q in schedule_groups(groups, 4) for p in groups[q]]
+    assert matcher.matched == expected
+    flat_given = [p for q in given for p in groups[q]]
+    assert (count_encodings(flat_given, 4), count_encodings(expected, 4)) == (33, 23)
+
+
 def test_reference_keypoints_match_the_database(mapped):
     """The model's points2D are the database keypoints + 0.5 (COLMAP convention)."""
     from_model = loc.reference_keypoints(mapped.model)

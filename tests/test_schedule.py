@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mast3r_colmap.matching.matcher import Matcher
-from mast3r_colmap.matching.schedule import count_encodings, schedule_pairs
+from mast3r_colmap.matching.schedule import count_encodings, schedule_groups, schedule_pairs
 from mast3r_colmap.pairs import exhaustive, pairs_from_similarity
 
 from test_matcher import ImageDescriptorModel
@@ -113,3 +113,19 @@ def test_the_pipeline_matches_in_the_scheduled_order(six_images, tmp_path):
         assert match_into_store(matcher, pairs, store, progress=False) == len(pairs)
         assert store.done_pairs() == {frozenset(p) for p in pairs}
     assert len(model.encoded) == count_encodings(schedule_pairs(pairs, 4), 4) == 9
+
+
+def test_schedule_groups():
+    """Query-like groups along a chain, listed out of order, come back in chain order; empty groups last."""
+    names = [f"c{i:02d}" for i in range(23)]
+    groups = {names[i]: [(names[i], names[i - 1]), (names[i], names[i + 1])] for i in range(1, 23, 2)}
+    given = list(groups)[0::3] + list(groups)[1::3] + list(groups)[2::3]
+    groups = {q: groups[q] for q in given}
+    groups["lonely"] = []
+    order = schedule_groups(groups, 4)
+    assert order == [names[i] for i in range(1, 23, 2)] + ["lonely"]
+    flat = lambda keys: [p for k in keys for p in groups[k]]  # noqa: E731
+    assert (count_encodings(flat(groups), 4), count_encodings(flat(order), 4)) == (33, 23)
+    # an order that is already best is kept
+    assert schedule_groups({k: groups[k] for k in order}, 4) == order
+    assert schedule_groups({}, 4) == []

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Hashable, List, Sequence, Tuple, TypeVar
+from typing import Hashable, List, Mapping, Sequence, Tuple, TypeVar
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
-__all__ = ["schedule_pairs", "count_encodings"]
+G = TypeVar("G", bound=Hashable)
+
+__all__ = ["schedule_pairs", "schedule_groups", "count_encodings"]
 
 
 def count_encodings(pairs: Sequence[Tuple[K, K]], cache_size: int) -> int:
@@ -99,3 +101,27 @@ def schedule_pairs(pairs: Sequence[Tuple[K, K]], cache_size: int) -> List[Tuple[
     logger.debug("schedule: %d pairs over %d images, %d encodings with a cache of %d (%d in the given order)",
                  len(pairs), n_images, best_cost, cache_size, given_cost)
     return best
+
+
+def schedule_groups(groups: Mapping[G, Sequence[Tuple[K, K]]], cache_size: int) -> List[G]:
+    """An order of pair groups (e.g. each query's pairs with its retrieved images, matched together)
+    in which consecutive groups share images; the pairs inside a group keep their order.
+
+    Groups are ordered by the first appearance of one of their pairs in :func:`schedule_pairs` of all
+    pairs, forwards or backwards; the given order is kept when neither needs fewer encodings.
+    """
+    keys = list(groups)
+    owner = {}
+    for key in keys:
+        for pair in groups[key]:
+            owner.setdefault(tuple(pair), key)
+    flat = [tuple(p) for key in keys for p in groups[key]]
+    first_seen = list(dict.fromkeys(owner[p] for p in schedule_pairs(flat, cache_size)))
+    rest = [key for key in keys if key not in set(first_seen)]  # e.g. empty groups: last
+
+    def cost(seq: List[G]) -> int:
+        return count_encodings([tuple(p) for key in seq for p in groups[key]], cache_size)
+
+    # the sweep direction matters when the images a group shares with the next one come first in it
+    candidates = [keys, first_seen + rest, first_seen[::-1] + rest]
+    return min(candidates, key=cost)  # the first (the given order) on ties
