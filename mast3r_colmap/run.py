@@ -24,7 +24,6 @@ logger = logging.getLogger("mast3r_colmap")
 _RETRIEVAL_CACHE = 1024  # encodings kept when retrieval pairs are used (see main)
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     from .model.checkpoint import DEFAULT_CHECKPOINT
 
