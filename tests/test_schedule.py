@@ -129,3 +129,22 @@ def test_schedule_groups():
     # an order that is already best is kept
     assert schedule_groups({k: groups[k] for k in order}, 4) == order
     assert schedule_groups({}, 4) == []
+
+
+def test_images_are_decoded_once_per_encoding(tmp_path, monkeypatch):
+    """Exhaustive pairs of 20 images with a cache of 24: every image is decoded and encoded once."""
+    import mast3r_colmap.matching.matcher as matcher_module
+
+    rng = np.random.default_rng(2)
+    names = []
+    for i in range(20):
+        Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        names.append(f"{i}.png")
+    pairs = exhaustive(names)
+    decoded = []
+    real_load = matcher_module.load_image
+    monkeypatch.setattr(matcher_module, "load_image", lambda *a, **k: decoded.append(a[0]) or real_load(*a, **k))
+    model = ImageDescriptorModel()
+    matcher = Matcher(model, {"image_size": 64, "cache_size": 24, "batch_size": 1}, image_dir=tmp_path)
+    assert len(list(matcher.match_pairs(pairs))) == len(pairs) == 190
+    assert len(decoded) == len(model.encoded) == 20

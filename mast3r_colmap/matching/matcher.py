@@ -218,16 +218,22 @@ class Matcher:
 
     # images
     def image(self, image: ImageLike) -> LoadedImage:
-        """Load (or fetch from the small cache) the network-size image."""
+        """Load (or fetch from the cache) the network-size image.
+
+        The image cache is an LRU as large as the encoding cache (2.3 MiB per 512x384 image), so an
+        image whose encoding is cached is not decoded again either.
+        """
         if isinstance(image, LoadedImage):
             return image
         name = os.fspath(image)
-        if name not in self._images:
-            path = os.path.join(self.image_dir, name) if self.image_dir is not None else name
-            self._images[name] = load_image(path, self.conf.image_size, name=name)
-            while len(self._images) > max(2 * self.conf.batch_size, 16):
-                self._images.popitem(last=False)
-        return self._images[name]
+        if name in self._images:
+            self._images.move_to_end(name)
+            return self._images[name]
+        path = os.path.join(self.image_dir, name) if self.image_dir is not None else name
+        loaded = self._images[name] = load_image(path, self.conf.image_size, name=name)
+        while len(self._images) > max(self.conf.cache_size, 2 * self.conf.batch_size):
+            self._images.popitem(last=False)
+        return loaded
 
     # descriptors
     @torch.inference_mode()
