@@ -177,3 +177,22 @@ def test_sfm_preset_equals_symmetric_extraction(small_model):
     assert len(pm) == keep.sum() > 0
     np.testing.assert_array_equal(pm.xy0, im0.to_original(m.xy1[keep].astype(np.float64)))
     np.testing.assert_array_equal(pm.scores, m.conf[keep])
+
+
+def test_hires_decodes_originals_only_for_missing_crops(texture_pair, monkeypatch):
+    """A pair matched again with its crop encodings cached decodes no full-resolution image."""
+    import mast3r_colmap.matching.matcher as matcher_module
+
+    a, b = texture_pair
+    decoded = []
+    real = matcher_module.load_original
+    monkeypatch.setattr(matcher_module, "load_original", lambda p: decoded.append(p) or real(p))
+    model = ImageDescriptorModel()
+    matcher = Matcher(model, "hires")
+    first = matcher.match_pair(str(a), str(b))
+    assert sorted(decoded) == sorted([str(a), str(b)])
+    n_encoded = len(model.encoded)
+    second = matcher.match_pair(str(a), str(b))
+    assert len(decoded) == 2 and len(model.encoded) == n_encoded  # everything came from the caches
+    np.testing.assert_array_equal(first.xy0, second.xy0)
+    np.testing.assert_array_equal(first.scores, second.scores)

@@ -21,7 +21,7 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -150,16 +150,22 @@ class EncodingCache:
         self._items: "OrderedDict[Any, Encoding]" = OrderedDict()
         self.hits = self.misses = 0
 
-    def get_many(self, keys: Sequence[Any], images: Sequence[torch.Tensor]) -> List[Encoding]:
-        """Encodings for ``keys``; images of missing keys are encoded in batches of equal size."""
+    def get_many(self, keys: Sequence[Any],
+                 images: Union[Sequence[torch.Tensor], Callable[[Any], torch.Tensor]]) -> List[Encoding]:
+        """Encodings for ``keys``; images of missing keys are encoded in batches of equal size.
+
+        ``images`` are the (1, 3, H, W) images of the keys, or a function of the key that returns
+        one (called only for the keys that miss).
+        """
+        image_of = images if callable(images) else dict(zip(keys, images)).__getitem__
         missing: Dict[Any, torch.Tensor] = {}
-        for key, img in zip(keys, images):
+        for key in keys:
             if key in self._items or key in missing:
                 if key in self._items:
                     self._items.move_to_end(key)
                 self.hits += 1
             else:
-                missing[key] = img
+                missing[key] = image_of(key)
                 self.misses += 1
         by_shape: Dict[Tuple[int, int], List[Any]] = {}
         for key, img in missing.items():
@@ -301,11 +307,11 @@ class Matcher:
         if not crops:
             logger.debug("%s/%s: no crop pair covers the coarse matches, keeping them", im0.name, im1.name)
             return coarse
-        full0, full1 = load_original(im0.path), load_original(im1.path)
+        originals = _LazyOriginals({im0.name: im0.path, im1.name: im1.path})
         parts: List[Matches] = []
         for start in range(0, len(crops), self.conf.batch_size):
             chunk = crops[start:start + self.conf.batch_size]
-            parts.extend(self._match_crops(im0.name, im1.name, full0, full1, chunk))
+            parts.extend(self._match_crops(im0.name, im1.name, originals, chunk))
         xy0 = np.concatenate([p.xy1 for p in parts]).astype(np.float64)
         xy1 = np.concatenate([p.xy2 for p in parts]).astype(np.float64)
         scores = np.concatenate([p.conf for p in parts])
@@ -315,25 +321,39 @@ class Matcher:
         return PairMatches(im0.name, im1.name, xy0, xy1, scores)
 
     @torch.inference_mode()
-    def _match_crops(self, name0: str, name1: str, full0: torch.Tensor, full1: torch.Tensor,
+    def _match_crops(self, name0: str, name1: str, originals: "_LazyOriginals",
                      crops: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[Matches]:
-        def cut(full, win):
-            l, t, r, b = win
-            return full[..., t:b, l:r]
+        def cut(key):  # key = (image name, (l, t, r, b)); only called for crops whose encoding misses
+            name, (l, t, r, b) = key
+            return originals[name][..., t:b, l:r]
 
         groups: Dict[Tuple, List[int]] = {}
         for i, (w0, w1) in enumerate(crops):  # crops of equal sizes share a decoder batch
             groups.setdefault(((w0[3] - w0[1], w0[2] - w0[0]), (w1[3] - w1[1], w1[2] - w1[0])), []).append(i)
         results: Dict[int, Matches] = {}
         for idx in groups.values():
-            enc0 = self.encodings.get_many([(name0, crops[i][0]) for i in idx], [cut(full0, crops[i][0]) for i in idx])
-            enc1 = self.encodings.get_many([(name1, crops[i][1]) for i in idx], [cut(full1, crops[i][1]) for i in idx])
+            enc0 = self.encodings.get_many([(name0, crops[i][0]) for i in idx], cut)
+            enc1 = self.encodings.get_many([(name1, crops[i][1]) for i in idx], cut)
             p0, p1 = self.model.predict(Encoding.cat(enc0), Encoding.cat(enc1), with_pts3d=False)
             for j, i in enumerate(idx):
                 (l0, t0, r0, b0), (l1, t1, r1, b1) = crops[i]
                 m = _extract_nonsym(p0["desc"][j], p1["desc"][j], p0["desc_conf"][j], p1["desc_conf"][j], self.conf)
                 results[i] = Matches(m.xy1 + np.array([l0, t0]), m.xy2 + np.array([l1, t1]), m.conf)
         return [results[i] for i in range(len(crops))]
+
+
+class _LazyOriginals:
+    """Full-resolution images by name, decoded on first use (coarse-to-fine needs them only for the
+    crops whose encodings are not cached)."""
+
+    def __init__(self, paths: Mapping[str, str]):
+        self.paths = paths
+        self._loaded: Dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._loaded:
+            self._loaded[name] = load_original(self.paths[name])
+        return self._loaded[name]
 
 
 def _crop_size(height: int, width: int, maxdim: int, patch: int = 16) -> Tuple[int, int]:
