@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official .pth file, hub folder (config.json + model.safetensors) or hub id")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="encoder/decoder precision on CUDA (heads always fp32)")
+                   help="encoder/decoder precision (heads always fp32); bf16/fp16 are meant for CUDA, "
+                        "on a CPU they are fast only with native support (AMX)")
     p.add_argument("--preset", choices=sorted(matcher_confs), default="default",
                    help="default: one 512-px pass; hires: coarse-to-fine crops at full resolution; "
                         "sfm: symmetric inference")

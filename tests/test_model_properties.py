@@ -259,6 +259,33 @@ def test_outputs_are_float32_on_cpu(small_model, pair_imgs):
             assert v.dtype == torch.float32 and v.device.type == "cpu", k
 
 
+@pytest.mark.parametrize("dtype,min_cos", [(torch.bfloat16, 0.99), (torch.float16, 0.999)], ids=["bf16", "fp16"])
+def test_mixed_precision(pair_imgs, dtype, min_cos):
+    """amp_dtype autocasts encoder and decoder (here on the CPU, the same code path as on CUDA): outputs
+    stay float32 from float32 heads, close to the float32 model; the descriptor-only path equals the full one."""
+    a, _, p = pair_imgs
+    model = _model("small", 1)
+    with torch.no_grad():
+        ref1, ref2 = model(_view(a), _view(p))
+        model.amp_dtype = dtype
+        enc_a, enc_p = model.encode(a), model.encode(p)
+        assert enc_a.tokens.dtype == dtype  # the encoder ran in reduced precision
+        full1, full2 = model.predict(enc_a, enc_p, with_pts3d=True)
+        desc1, desc2 = model.predict(enc_a, enc_p, with_pts3d=False)
+        model.amp_dtype = None
+        again1, _ = model(_view(a), _view(p))
+    for full, desc, ref in ((full1, desc1, ref1), (full2, desc2, ref2)):
+        assert all(v.dtype == torch.float32 for v in (*full.values(), *desc.values()))
+        torch.testing.assert_close(full["desc"].norm(dim=-1), torch.ones(full["desc"].shape[:-1]))  # fp32 head
+        assert (full["desc"] * ref["desc"]).sum(-1).min() > min_cos
+        torch.testing.assert_close(full["desc_conf"], ref["desc_conf"], rtol=0.05, atol=0)
+        assert set(desc) == {"desc", "desc_conf"}
+        for k in desc:
+            torch.testing.assert_close(desc[k], full[k], rtol=0, atol=0)
+    for k in PRED1:  # amp_dtype=None is float32 again
+        torch.testing.assert_close(again1[k], ref1[k], rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(small_model, pair_imgs):
     a, _, p = pair_imgs

@@ -240,7 +240,7 @@ def load_model(source: str | os.PathLike = DEFAULT_CHECKPOINT, device: Optional[
     """Build the network described by a checkpoint and load its weights (strict key matching).
 
     ``device`` defaults to CUDA when available. ``amp_dtype`` (e.g. ``torch.bfloat16``) enables
-    autocast of the encoder and decoder on CUDA; the heads always run in float32.
+    autocast of the encoder and decoder (meant for CUDA); the heads always run in float32.
     """
     config, state, description = read_checkpoint(source)
     with torch.device("meta"):

@@ -232,7 +232,8 @@ class MASt3R(nn.Module):
                                            c.patch_size, c.mlp_ratio)
         self.downstream_head2 = MASt3RHead(c.enc_embed_dim, c.dec_embed_dim, 4, local_channels,
                                            c.patch_size, c.mlp_ratio)
-        #: autocast dtype for encoder and decoder on CUDA (None: float32); heads always run in float32
+        #: autocast dtype of encoder and decoder (None: float32); the heads always run in float32.
+        #: Meant for CUDA; on a CPU, bf16 is fast only with native support (AMX / AVX512-BF16).
         self.amp_dtype: Optional[torch.dtype] = None
 
     def _decoder(self, rope: RoPE2D) -> nn.ModuleList:
@@ -245,9 +246,9 @@ class MASt3R(nn.Module):
         return self.patch_embed.proj.weight.device
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None or self.device.type != "cuda":
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # ---- encoder ----------------------------------------------------------------------------
 
