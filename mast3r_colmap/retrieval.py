@@ -35,6 +35,7 @@ projector is assumed to be an ``nn.Sequential`` (``projector.{3i}`` Linear, ``pr
 from __future__ import annotations
 
 import codecs
+import itertools
 import logging
 import math
 import os
@@ -474,8 +475,9 @@ def retrieval_features(matcher: Any, names: Sequence[str], model: RetrievalModel
     out: List[np.ndarray] = []
     device = None
     with torch.inference_mode():
-        for start in range(0, len(names), batch_size):
-            images = [matcher.image(n) for n in names[start:start + batch_size]]
+        loaded = matcher.images(names) if hasattr(matcher, "images") else map(matcher.image, names)
+        for _ in range(0, len(names), batch_size):
+            images = list(itertools.islice(loaded, batch_size))
             encs = matcher.encodings.get_many([(im.name, None) for im in images], [im.img for im in images])
             for enc in encs:
                 tokens = enc.tokens
@@ -485,6 +487,7 @@ def retrieval_features(matcher: Any, names: Sequence[str], model: RetrievalModel
                         model.to(device)
                 feats = model.local_features(tokens.to(device).float())[0]
                 out.append(feats.float().cpu().numpy())
+        getattr(loaded, "close", lambda: None)()  # stops the loader threads
     return out
 
 

@@ -196,3 +196,62 @@ def test_hires_decodes_originals_only_for_missing_crops(texture_pair, monkeypatc
     assert len(decoded) == 2 and len(model.encoded) == n_encoded  # everything came from the caches
     np.testing.assert_array_equal(first.xy0, second.xy0)
     np.testing.assert_array_equal(first.scores, second.scores)
+
+
+def _live_loader_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("mast3r-load")]
+
+
+def test_prefetching_loads_in_background_with_identical_results(texture_pair, tmp_path, monkeypatch):
+    import threading
+
+    import mast3r_colmap.matching.matcher as matcher_module
+
+    a, b = texture_pair
+    names = []
+    for i, angle in enumerate((0, 90, 180, 270)):
+        Image.open(a if i % 2 else b).rotate(angle, expand=True).save(tmp_path / f"{i}.png")
+        names.append(f"{i}.png")
+    pairs = [(names[i], names[j]) for i in range(4) for j in range(i + 1, 4)]
+    threads = []
+    real_load = matcher_module.load_image
+    monkeypatch.setattr(matcher_module, "load_image",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or real_load(*a, **k))
+    results = {}
+    for workers in (0, 2):
+        threads.clear()
+        matcher = Matcher(ImageDescriptorModel(), {"num_workers": workers, "batch_size": 1, "image_size": 128},
+                          image_dir=tmp_path)
+        results[workers] = list(matcher.match_pairs(pairs))
+        assert len(threads) == 4  # every image decoded once
+        loaders = [t for t in threads if t.startswith("mast3r-load")]
+        assert len(loaders) == (0 if workers == 0 else 4)  # ... in the background when asked
+        assert [im.name for im in matcher.images(reversed(names))] == names[::-1]
+        assert not _live_loader_threads()
+    assert sum(len(p) for p in results[0]) > 100
+    for p, q in zip(results[0], results[2]):
+        assert (p.name0, p.name1) == (q.name0, q.name1)
+        np.testing.assert_array_equal(p.xy0, q.xy0)
+        np.testing.assert_array_equal(p.xy1, q.xy1)
+        np.testing.assert_array_equal(p.scores, q.scores)
+
+
+def test_prefetching_raises_bad_images_at_their_pair(texture_pair, tmp_path):
+    """The pairs before an unreadable image are delivered (even from a partial batch), then it raises."""
+    from mast3r_colmap.images import ImageLoadError
+
+    a, b = texture_pair
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    matcher = Matcher(ImageDescriptorModel(), {"num_workers": 2, "batch_size": 2})
+    results = matcher.match_pairs([(str(a), str(b)), (str(a), str(tmp_path / "broken.jpg")), (str(b), str(a))])
+    assert len(next(results)) > 1000
+    with pytest.raises(ImageLoadError, match="broken.jpg"):
+        next(results)
+    assert not _live_loader_threads()
+    # a consumer that stops early leaves no thread behind either
+    early = matcher.match_pairs([(str(a), str(b)), (str(b), str(a))])
+    next(early)
+    early.close()
+    assert not _live_loader_threads()

@@ -17,11 +17,13 @@ window), through :class:`EncodingCache`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ from .extract import (Matches, border_mask, extract_correspondences_nonsym,
                       extract_correspondences_symmetric)
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class MatcherConfig:
     crop_overlap: float = 0.5
     batch_size: int = 8              # pairs (or crop pairs) per decoder batch
     cache_size: int = 128            # encodings kept in memory (3 MiB each for ViT-L at 512x384)
+    num_workers: int = 2             # threads decoding the images of upcoming pairs (0: decode inline)
 
     def __post_init__(self) -> None:
         if self.mode not in ("nonsym", "symmetric"):
@@ -59,6 +64,8 @@ class MatcherConfig:
             raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
         if self.subsample < 1 or self.batch_size < 1:
             raise ValueError("subsample and batch_size must be >= 1")
+        if self.cache_size < 1 or self.num_workers < 0:
+            raise ValueError("cache_size must be >= 1 and num_workers >= 0")
 
     def replace(self, **changes: Any) -> "MatcherConfig":
         return dataclasses.replace(self, **changes)
@@ -134,7 +141,7 @@ class SourceMatcher:
 def _match_settings(conf: MatcherConfig) -> Dict[str, Any]:
     """The fields that change the matches (not batch or cache sizes)."""
     out = dataclasses.asdict(conf)
-    for key in ("batch_size", "cache_size"):
+    for key in ("batch_size", "cache_size", "num_workers"):
         out.pop(key)
     return out
 
@@ -200,6 +207,7 @@ class Matcher:
         self.image_dir = image_dir
         self.encodings = EncodingCache(model, self.conf.cache_size)
         self._images: "OrderedDict[str, LoadedImage]" = OrderedDict()
+        self._prefetched: Dict[str, "Future[LoadedImage]"] = {}
 
     @property
     def cache_size(self) -> int:
@@ -216,8 +224,7 @@ class Matcher:
         from ..pairs import global_descriptor_from_tokens
 
         out = []
-        for name in names:
-            image = self.image(name)
+        for image in self.images(names):
             enc = self.encodings.get_many([(image.name, None)], [image.img])[0]
             out.append(global_descriptor_from_tokens(enc.tokens[0].float()).cpu().numpy())
         return np.stack(out)
@@ -235,11 +242,47 @@ class Matcher:
         if name in self._images:
             self._images.move_to_end(name)
             return self._images[name]
-        path = os.path.join(self.image_dir, name) if self.image_dir is not None else name
-        loaded = self._images[name] = load_image(path, self.conf.image_size, name=name)
+        future = self._prefetched.pop(name, None)
+        loaded = future.result() if future is not None else self._load(name)
+        self._images[name] = loaded
         while len(self._images) > max(self.conf.cache_size, 2 * self.conf.batch_size):
             self._images.popitem(last=False)
         return loaded
+
+    def _load(self, name: str) -> LoadedImage:
+        path = os.path.join(self.image_dir, name) if self.image_dir is not None else name
+        return load_image(path, self.conf.image_size, name=name)
+
+    def images(self, names: Iterable[ImageLike]) -> Iterator[LoadedImage]:
+        """:meth:`image` of each name in turn, the next ones decoded in the background."""
+        for name in self._prefetching(names, lambda name: (name,)):
+            yield self.image(name)
+
+    def _prefetching(self, items: Iterable[T], images_of: Callable[[T], Sequence[ImageLike]]) -> Iterator[T]:
+        """Yield ``items`` in order while ``conf.num_workers`` threads decode the images of the next
+        ``2 * batch_size`` items that are not cached (an unreadable image raises when it is reached)."""
+        if not self.conf.num_workers:
+            yield from items
+            return
+        upcoming: "deque[T]" = deque()
+        source = iter(items)
+        pool = ThreadPoolExecutor(self.conf.num_workers, "mast3r-load")
+        try:
+            while True:
+                for item in itertools.islice(source, 2 * self.conf.batch_size + 1 - len(upcoming)):
+                    upcoming.append(item)
+                    for image in images_of(item):
+                        if isinstance(image, LoadedImage):
+                            continue
+                        name = os.fspath(image)
+                        if name not in self._images and name not in self._prefetched:
+                            self._prefetched[name] = pool.submit(self._load, name)
+                if not upcoming:
+                    return
+                yield upcoming.popleft()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._prefetched.clear()
 
     # descriptors
     @torch.inference_mode()
@@ -273,23 +316,31 @@ class Matcher:
 
         Each image is encoded once while its encoding stays in the LRU cache (``conf.cache_size``
         images); for long pair lists, :func:`~.schedule.schedule_pairs` gives an order that keeps it there.
+        With ``conf.num_workers`` > 0, the images of the next ``2 * batch_size`` pairs are decoded by
+        background threads while the network runs.
         """
         pending: List[Tuple[LoadedImage, LoadedImage]] = []
 
         def flush() -> Iterator[PairMatches]:
+            if not pending:
+                return
             for pm, (im0, im1) in zip(self._coarse(pending), pending):
                 yield self._refine(pm, im0, im1) if self.conf.coarse_to_fine else pm
             pending.clear()
 
-        for a, b in pairs:
-            im0, im1 = self.image(a), self.image(b)
+        for a, b in self._prefetching(pairs, lambda pair: pair):
+            try:
+                im0, im1 = self.image(a), self.image(b)
+            except Exception:
+                yield from flush()  # the pairs before an unreadable image are still delivered
+                raise
             key = (tuple(im0.img.shape), tuple(im1.img.shape))
-            if pending and (key != (tuple(pending[0][0].img.shape), tuple(pending[0][1].img.shape))
-                            or len(pending) >= self.conf.batch_size):
+            if pending and key != (tuple(pending[0][0].img.shape), tuple(pending[0][1].img.shape)):
                 yield from flush()
             pending.append((im0, im1))
-        if pending:
-            yield from flush()
+            if len(pending) >= self.conf.batch_size:
+                yield from flush()
+        yield from flush()
 
     def match_pair(self, image0: ImageLike, image1: ImageLike) -> PairMatches:
         """Match one pair (see :func:`match_pair`)."""
