@@ -119,6 +119,10 @@ def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], sto
         bar.update()
         bar.set_postfix(matches=len(pm))
     bar.close()
+    encodings = getattr(matcher, "encodings", None)
+    if todo and encodings is not None:
+        images = len({name for pair in todo for name in pair})
+        logger.info("matching: %d pairs over %d images, %d encoder runs", len(todo), images, encodings.misses)
     return len(todo)
 
 
