@@ -707,6 +707,7 @@ def write_logs(path: str | os.PathLike, results: Mapping[str, QueryResult]) -> P
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .matching.matcher import add_cli_arguments
     from .matching.matcher import confs as matcher_confs
     from .model.checkpoint import DEFAULT_CHECKPOINT
 
@@ -729,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=[c for c in ("default", "hires") if c in matcher_confs], default="default",
                    help="default: one 512-px pass; hires: coarse-to-fine matching at full resolution (as MASt3R's "
                         "visloc --coarse_to_fine)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch")
+    add_cli_arguments(p)
     p.add_argument("--ransac-thresh", type=float, default=12.0, help="PnP RANSAC max reprojection error (px)")
     p.add_argument("--max-error", type=float, default=None,
                    help="px radius for snapping reference-side matches to map keypoints (default: the cell size, 4)")
@@ -744,10 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def matcher_config(args: argparse.Namespace):
     """The matcher configuration of the command line (``--preset`` maps to the matcher's preset)."""
-    from .matching.matcher import get_config
+    from .matching.matcher import cli_overrides, get_config
 
-    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-    return get_config(args.preset, **overrides)
+    return get_config(args.preset, **cli_overrides(args))
 
 
 def build_matcher(args: argparse.Namespace) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .keypoints import KeypointConfig
+from .matching.matcher import add_cli_arguments, cli_overrides
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
 from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging  # noqa: F401 (EXIT_BAD_INPUT re-exported)
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(matcher_confs), default="default",
                    help="default: one 512-px pass; hires: coarse-to-fine crops at full resolution; "
                         "sfm: symmetric inference")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch")
+    add_cli_arguments(p)
     p.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"], default="auto",
                    help="auto: images of one size and EXIF focal share a camera")
     p.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
@@ -94,8 +95,8 @@ def _run(args: argparse.Namespace) -> int:
         keypoints=KeypointConfig(cell_size=args.cell_size, max_kps=args.max_kps or None),
         progress=not args.no_progress)
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
-    overrides = {"batch_size": args.batch_size} if args.batch_size else {}
-    if args.pairs.strip().lower().startswith("retrieval:"):
+    overrides = cli_overrides(args)
+    if args.pairs.strip().lower().startswith("retrieval:") and args.cache_size is None:
         # retrieval encodes every image first: keep the encodings so matching does not re-encode them
         # (3 MiB each for ViT-L at 512x384; at most 1024 of them, beyond that the pair schedule keeps
         # re-encoding rare)

@@ -39,7 +39,7 @@ def test_help():
     out = subprocess.run([sys.executable, "-m", "mast3r_colmap.run", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for flag in ("--pairs", "--checkpoint", "--device", "--preset", "--camera-mode", "--export-h5", "--mapper",
-                 "--output", "--strict"):
+                 "--output", "--strict", "--batch-size", "--cache-size", "--num-workers"):
         assert flag in out.stdout
 
 
@@ -121,3 +121,9 @@ def test_bad_pairs_spec(images, tmp_path, caplog, small_pth):
 def test_database_is_a_folder(images, tmp_path, caplog):
     code, log = _run([images, tmp_path], caplog)
     assert code == EXIT_BAD_INPUT and "is a folder" in log
+
+
+def test_bad_matcher_resources(images, tmp_path, caplog):
+    for flag, value in (("--num-workers", "-1"), ("--cache-size", "0"), ("--batch-size", "0")):
+        code, log = _run([images, tmp_path / "db.db", "--checkpoint", tmp_path / "unused.pth", flag, value], caplog)
+        assert code == EXIT_BAD_INPUT and flag[2:].replace("-", "_") in log and "Traceback" not in log, flag

@@ -468,6 +468,11 @@ def test_hires_preset_maps_to_coarse_to_fine(monkeypatch, small_model):
     hires = parser.parse_args(args + ["--preset", "hires", "--batch-size", "3"])
     conf = loc.matcher_config(hires)
     assert conf.coarse_to_fine is True and conf.batch_size == 3
+    assert (conf.cache_size, conf.num_workers) == (128, 2)  # the defaults
+    tuned = loc.matcher_config(parser.parse_args(args + ["--cache-size", "500", "--num-workers", "0"]))
+    assert (tuned.batch_size, tuned.cache_size, tuned.num_workers) == (8, 500, 0)
+    with pytest.raises(ValueError, match="num_workers"):
+        loc.matcher_config(parser.parse_args(args + ["--num-workers", "-1"]))
     with pytest.raises(SystemExit):
         parser.parse_args(args + ["--preset", "sfm"])
     import mast3r_colmap.model.checkpoint as checkpoint

@@ -16,6 +16,7 @@ window), through :class:`EncodingCache`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import logging
@@ -23,7 +24,8 @@ import os
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar,
+                    Union)
 
 import numpy as np
 import torch
@@ -89,6 +91,21 @@ def get_config(preset: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
     else:
         base = MatcherConfig(**preset)
     return base.replace(**overrides) if overrides else base
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """The matcher's resource flags, shared by the command-line tools (see :func:`cli_overrides`)."""
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch (default 8)")
+    parser.add_argument("--cache-size", type=int, default=None,
+                        help="image encodings kept in memory (default 128; 3 MiB each for ViT-L at 512x384)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="threads decoding the images of upcoming pairs (default 2; 0: decode inline)")
+
+
+def cli_overrides(args: argparse.Namespace) -> Dict[str, int]:
+    """The :class:`MatcherConfig` fields set by :func:`add_cli_arguments` flags."""
+    return {key: getattr(args, key) for key in ("batch_size", "cache_size", "num_workers")
+            if getattr(args, key, None) is not None}
 
 
 # ---- dense views -> matches ---------------------------------------------------------------------
