@@ -135,6 +135,7 @@ def run(dataset: str | os.PathLike, outputs: str | os.PathLike, matcher: Any, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mast3r_colmap.matching.matcher import add_cli_arguments
     from mast3r_colmap.model.checkpoint import DEFAULT_CHECKPOINT
 
     p = argparse.ArgumentParser(prog="python -m pipelines.aachen", description=__doc__.split("\n\n")[0],
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-kps", type=int, default=8192, help="keypoints per db image (0: no cap)")
     p.add_argument("--ransac-thresh", type=float, default=12.0)
     p.add_argument("--covisibility-clustering", action="store_true")
+    add_cli_arguments(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -170,13 +172,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         _query_pairs(args.dataset, args.outputs, args.query_pairs)
         if args.db_pairs is not None and not args.db_pairs.is_file():
             raise ValueError(f"db pairs file {str(args.db_pairs)!r} does not exist")
-        from mast3r_colmap.matching.matcher import Matcher
+        from mast3r_colmap.matching.matcher import Matcher, cli_overrides, get_config
         from mast3r_colmap.model.checkpoint import load_model
 
+        mapping_conf = get_config(args.mapping_preset, **cli_overrides(args))
+        query_conf = get_config(args.preset, **cli_overrides(args))
         model = load_model(args.checkpoint, device=args.device)
-        matcher = Matcher(model, args.mapping_preset, image_dir=layout["images"], checkpoint=str(args.checkpoint))
+        matcher = Matcher(model, mapping_conf, image_dir=layout["images"], checkpoint=str(args.checkpoint))
         query_matcher = (matcher if args.preset == args.mapping_preset else
-                         Matcher(model, args.preset, image_dir=layout["images"], checkpoint=str(args.checkpoint)))
+                         Matcher(model, query_conf, image_dir=layout["images"], checkpoint=str(args.checkpoint)))
         path = run(args.dataset, args.outputs, matcher, query_matcher=query_matcher, query_pairs=args.query_pairs,
                    db_pairs=args.db_pairs, num_covis=args.num_covis, num_loc=args.num_loc,
                    max_kps=args.max_kps or None, ransac_thresh=args.ransac_thresh,

@@ -656,6 +656,9 @@ def test_aachen_cli_bad_input(tmp_path, monkeypatch, caplog):
         (tmp_path / "ds" / "images" / "images_upright").mkdir(parents=True)
         assert aachen.main(["--dataset", tmp_path / "ds", "--outputs", tmp_path / "out"]) == 2
         assert "has no cameras" in caplog.text
+    args = aachen.build_parser().parse_args(["--dataset", "d", "--outputs", "o", "--cache-size", "7",
+                                             "--num-workers", "0", "--batch-size", "3"])
+    assert (args.cache_size, args.num_workers, args.batch_size) == (7, 0, 3)
 
 
 # ----------------------------------------------------------------------------------------------
