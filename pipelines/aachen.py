@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import mast3r_colmap  # noqa: F401  (first: it loads Pillow before pycolmap, see its __init__)
 import pycolmap
 
 from mast3r_colmap.export import colmap_db

@@ -130,8 +130,8 @@ def test_rerun_reuses_database(scene_run):
 _RUN_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
+    from mast3r_colmap.matching.matcher import SourceMatcher  # before pycolmap (see mast3r_colmap/__init__.py)
     import pycolmap
-    from mast3r_colmap.matching.matcher import SourceMatcher
     from mast3r_colmap.pipeline import PipelineConfig, reconstruct
     from mast3r_colmap.testing.synthetic import SyntheticDescriptorSource, SyntheticScene
 
