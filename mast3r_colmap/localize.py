@@ -53,6 +53,7 @@ import pycolmap
 from scipy import sparse
 
 from .keypoints import KeypointConfig, consolidate
+from .lock import locks_database
 from .matching.schedule import schedule_groups
 from .structures import IndexMatches, PairMatches
 from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging, text_records
@@ -398,6 +399,7 @@ def pairs_from_covisibility(reconstruction: pycolmap.Reconstruction, k: int) -> 
     return pairs
 
 
+@locks_database("database")
 def triangulate_reference(reference: pycolmap.Reconstruction | str | os.PathLike, image_dir: str | os.PathLike,
                           database: str | os.PathLike, matcher: Any, pairs: Sequence[Tuple[str, str]],
                           output_dir: str | os.PathLike,
@@ -411,8 +413,8 @@ def triangulate_reference(reference: pycolmap.Reconstruction | str | os.PathLike
     ``keypoints.max_kps``) and matches, verified two-view geometries, and the points are triangulated
     with the reference poses (:func:`~.mapping.triangulate`). Raw matches go through a resumable
     :class:`~.store.MatchStore` (default beside the database) and pairs already in the database are
-    skipped, so an interrupted run can be started again. Returns the triangulated model (also written to
-    ``output_dir``).
+    skipped, so an interrupted run can be started again; a database in use by another run raises ValueError
+    (:func:`~.lock.database_lock`). Returns the triangulated model (also written to ``output_dir``).
     """
     from . import mapping
     from .pipeline import match_into_database

@@ -18,7 +18,8 @@ Idempotence (re-running on an existing database)
   skipped if they are the same (same count, coordinates within :data:`KEYPOINT_TOLERANCE` px), and a
   :class:`ValueError` is raised if they differ, because stored matches index the stored keypoints.
 * :func:`write_matches` skips pairs that already have matches (in either order).
-* :func:`verify_matches` skips pairs that already have a two-view geometry.
+* :func:`verify_matches` skips pairs that already have a two-view geometry. It commits every
+  :data:`_VERIFY_COMMIT_EVERY` pairs rather than once per call, so that long runs keep their progress.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
@@ -488,39 +490,45 @@ def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
 
 
 def verify_matches(
-    db_path: str | os.PathLike,
+    db_path: DbLike,
     pairs: Iterable[tuple[str, str]] | None = None,
     options: Mapping[str, Any] | pycolmap.TwoViewGeometryOptions | None = None,
+    num_threads: int | None = None,
 ) -> dict[tuple[str, str], int]:
-    """Geometrically verify matched pairs with ``pycolmap.verify_matches``.
+    """Geometrically verify matched pairs, pair by pair, with ``pycolmap.estimate_two_view_geometry``.
 
-    COLMAP estimates E/F/H per pair and writes a two-view geometry with a real configuration
-    (CALIBRATED, UNCALIBRATED, PLANAR, ... or DEGENERATE), never UNDEFINED, so the 4.x mapper uses it.
+    This is what ``pycolmap.verify_matches`` does (same estimator, options, keypoints in COLMAP's convention
+    and pair orientation, so the same fixed RANSAC seed gives the same inliers and configuration), without
+    its pairs file: any image name works. Every verified pair gets a two-view geometry with a real
+    configuration (CALIBRATED, UNCALIBRATED, PLANAR, ... or DEGENERATE), never UNDEFINED, so the 4.x
+    mapper uses it; a pair with fewer than ``min_num_inliers`` inliers is DEGENERATE without inliers,
+    as COLMAP writes it. The raw matches are left as they are.
+
+    The estimation runs on ``num_threads`` threads (pycolmap releases the GIL while it estimates);
+    the database is read and written by the calling thread only, in transactions of
+    :data:`_VERIFY_COMMIT_EVERY` pairs, so an interrupted call keeps what it committed.
 
     Args:
-        db_path: database path (closed by the caller; COLMAP opens it itself).
-        pairs: ``(name0, name1)`` pairs, handed to ``pycolmap.verify_matches`` through a temporary
-            pairs file (names must not contain whitespace). ``None`` verifies every matched pair with
-            ``pycolmap.geometric_verification``. Pairs without matches or with a two-view geometry
+        db_path: open database or its path.
+        pairs: ``(name0, name1)`` pairs, estimated in that orientation (as COLMAP does for a pairs file).
+            ``None`` verifies every pair with at least one match, smaller image id first (as
+            ``pycolmap.geometric_verification`` does). Pairs without matches or with a two-view geometry
             already are skipped.
         options: ``TwoViewGeometryOptions`` or a dict merged over :data:`DEFAULT_VERIFICATION_OPTIONS`.
+        num_threads: estimation threads; ``None`` or < 1 uses every core available to the process.
 
     Returns:
         ``{(name0, name1): number of inlier matches}`` for the requested pairs (0 if rejected).
     """
     opts = _verification_options(options)
-    with open_database(db_path) as d:
+    with _use_db(db_path) as d:
         ids = image_ids(d)
-        names = {v: k for k, v in ids.items()}
         if pairs is None:
+            names = {v: k for k, v in ids.items()}
             pair_list = [tuple(names[int(i)] for i in pycolmap.pair_id_to_image_pair(int(p)))
                          for p in d.read_num_matches()[0]]
         else:
             pair_list = [(str(a), str(b)) for a, b in pairs]
-            for name in {n for pair in pair_list for n in pair}:
-                if len(name.split()) != 1:
-                    raise ValueError(f"image name {name!r} contains whitespace and cannot go into a COLMAP "
-                                     "pairs file; call verify_matches with pairs=None")
         todo, seen = [], set()
         for n0, n1 in pair_list:
             id0, id1 = _id_of(ids, n0), _id_of(ids, n1)
@@ -531,26 +539,85 @@ def verify_matches(
             if not d.exists_matches(id0, id1):
                 logger.warning("verify_matches: pair %s / %s has no matches, skipped", n0, n1)
             elif not d.exists_two_view_geometry(id0, id1):
-                todo.append((n0, n1))
-    if todo and pairs is None:
-        pycolmap.geometric_verification(str(db_path), two_view_geometry_options=opts)
-    elif todo:
-        fd, tmp = tempfile.mkstemp(prefix="pairs-", suffix=".txt", dir=Path(db_path).parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join(f"{a} {b}" for a, b in todo) + "\n")
-            pycolmap.verify_matches(str(db_path), tmp, options=opts)
-        finally:
-            os.unlink(tmp)
-    out: dict[tuple[str, str], int] = {}
-    with open_database(db_path) as d:
+                todo.append((id0, id1))
+        if todo:
+            _verify_pairs(d, todo, opts, _effective_threads(num_threads))
+        out: dict[tuple[str, str], int] = {}
         for n0, n1 in pair_list:
             id0, id1 = ids[n0], ids[n1]
             if d.exists_two_view_geometry(id0, id1):
-                tvg = d.read_two_view_geometry(id0, id1)
-                out[(n0, n1)] = int(len(tvg.inlier_matches))
+                out[(n0, n1)] = int(len(d.read_two_view_geometry(id0, id1).inlier_matches))
             else:
                 out[(n0, n1)] = 0
     verified = sum(v > 0 for v in out.values())
     logger.info("verify_matches: %d pairs verified now, %d/%d pairs with inliers", len(todo), verified, len(out))
     return out
+
+
+#: :func:`verify_matches` commits its results every this many pairs.
+_VERIFY_COMMIT_EVERY = 256
+#: Keypoint arrays :func:`verify_matches` keeps in memory (most recently used images).
+_VERIFY_CACHED_IMAGES = 256
+
+
+def _effective_threads(num_threads: int | None) -> int:
+    if num_threads is not None and num_threads > 0:
+        return int(num_threads)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _estimate_pair(camera0: pycolmap.Camera, points0: np.ndarray, camera1: pycolmap.Camera, points1: np.ndarray,
+                   matches: np.ndarray, options: pycolmap.TwoViewGeometryOptions) -> pycolmap.TwoViewGeometry:
+    """One pair, as COLMAP's verifier: fewer than ``min_num_inliers`` inliers is a DEGENERATE pair."""
+    tvg = pycolmap.estimate_two_view_geometry(camera0, points0, camera1, points1, matches, options)
+    if len(tvg.inlier_matches) < options.min_num_inliers:
+        tvg = pycolmap.TwoViewGeometry(config=pycolmap.TwoViewGeometryConfiguration.DEGENERATE)
+    return tvg
+
+
+def _verify_pairs(d: pycolmap.Database, todo: Sequence[tuple[int, int]], options: pycolmap.TwoViewGeometryOptions,
+                  num_threads: int) -> None:
+    """Estimate ``todo`` (image id pairs, in that orientation) on a thread pool and write the geometries.
+
+    Reads and writes stay in this thread; at most ``4 * num_threads`` pairs are in flight, so memory does
+    not grow with the number of pairs.
+    """
+    cameras = {int(c.camera_id): c for c in d.read_all_cameras()}
+    camera_of = {int(img.image_id): int(img.camera_id) for img in d.read_all_images()}
+    points: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def points_of(image_id: int) -> np.ndarray:  # x, y in COLMAP's convention, as COLMAP reads them
+        if image_id in points:
+            points.move_to_end(image_id)
+        else:
+            points[image_id] = np.asarray(d.read_keypoints(image_id), np.float64)[:, :2].copy()
+            if len(points) > _VERIFY_CACHED_IMAGES:
+                points.popitem(last=False)
+        return points[image_id]
+
+    done: list[tuple[int, int, pycolmap.TwoViewGeometry]] = []
+
+    def commit() -> None:
+        with pycolmap.DatabaseTransaction(d):
+            for id0, id1, tvg in done:
+                d.write_two_view_geometry(id0, id1, tvg)
+        done.clear()
+
+    in_flight: deque[tuple[int, int, Future]] = deque()
+    pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="verify")
+    try:
+        for k, (id0, id1) in enumerate(todo):
+            args = (cameras[camera_of[id0]], points_of(id0), cameras[camera_of[id1]], points_of(id1),
+                    np.asarray(d.read_matches(id0, id1), np.uint32))
+            in_flight.append((id0, id1, pool.submit(_estimate_pair, *args, options)))
+            while in_flight and (len(in_flight) >= 4 * num_threads or k == len(todo) - 1):
+                id0, id1, future = in_flight.popleft()
+                done.append((id0, id1, future.result()))
+                if len(done) >= _VERIFY_COMMIT_EVERY:
+                    commit()
+        commit()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
