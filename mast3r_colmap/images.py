@@ -3,6 +3,9 @@
 The network image is ``crop(resize(exif_transpose(original)))``:
 
 * open with PIL, apply the EXIF orientation, convert to RGB (alpha is dropped, not composited);
+  16-bit (``I;16*``), 32-bit integer (``I``) and float (``F``) greyscale images are first scaled to
+  8 bit by their own range (min -> 0, max -> 255, nothing clipped; a constant image becomes mid-grey
+  128), where Pillow's conversion would saturate them;
 * resize: for ``size == 224`` the short side goes to 224, otherwise the long side goes to ``size``;
   PIL LANCZOS when downscaling, BICUBIC when upscaling (or keeping the size);
 * crop around the centre ``(W // 2, H // 2)`` to dimensions that are multiples of 16 (a square image
@@ -11,16 +14,22 @@ The network image is ``crop(resize(exif_transpose(original)))``:
 
 Because the resize and the crop are both axis-aligned, the relation between network pixels and original
 pixels is an exact per-axis affine map, exposed by :class:`LoadedImage` (``to_original``,
-``to_network``, ``network_to_original``). Coordinates follow hloc/COLMAP-style *pixel-centre* conventions
+``to_network``). Coordinates follow hloc/COLMAP-style *pixel-centre* conventions
 in which ``(0, 0)`` is the centre of the top-left pixel.
+
+Every reader (:func:`load_image`, :func:`load_original`, :func:`validate_image`,
+:func:`read_image_size`) opens files through one helper, so they accept and reject the same files with
+the same :class:`ImageLoadError` messages, including images above :data:`MAX_IMAGE_PIXELS`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +39,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "LoadedImage",
+    "MAX_IMAGE_PIXELS",
     "list_images",
     "load_image",
     "load_original",
@@ -45,6 +55,18 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".
 #: Images whose width or height (after EXIF transpose) is below this are rejected. The official loader
 #: would upsample e.g. a 1x1 image to a constant 512x384 image; we treat such files as invalid input.
 MIN_ORIGINAL_SIDE = 2
+
+#: Images with more pixels (width x height) than this are rejected with :class:`ImageLoadError` (a
+#: 350 MP RGB image decodes to 1 GB). Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89 MP, above
+#: which it warns of a "decompression bomb" and at twice which it refuses) is raised to this value when
+#: this module is imported (unless it is already higher or off), so large photos load without that warning.
+MAX_IMAGE_PIXELS = 350_000_000
+
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+#: Modes of the greyscale images with more than 8 bits that are scaled by their range (see :func:`_to_rgb`).
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class ImageLoadError(ValueError):
@@ -116,34 +138,6 @@ class LoadedImage:
         pts = _as_points(xy)
         return (pts + 0.5) / self._scale - 0.5 - self._offset
 
-    @property
-    def network_to_original(self) -> np.ndarray:
-        """3x3 float64 homogeneous matrix form of :meth:`to_original` (acts on column vectors [x, y, 1])."""
-        sx, sy = self._scale
-        ox, oy = self._offset
-        return np.array(
-            [
-                [sx, 0.0, (ox + 0.5) * sx - 0.5],
-                [0.0, sy, (oy + 0.5) * sy - 0.5],
-                [0.0, 0.0, 1.0],
-            ],
-            dtype=np.float64,
-        )
-
-    @property
-    def original_to_network(self) -> np.ndarray:
-        """3x3 float64 homogeneous matrix form of :meth:`to_network`."""
-        sx, sy = self._scale
-        ox, oy = self._offset
-        return np.array(
-            [
-                [1.0 / sx, 0.0, 0.5 / sx - 0.5 - ox],
-                [0.0, 1.0 / sy, 0.5 / sy - 0.5 - oy],
-                [0.0, 0.0, 1.0],
-            ],
-            dtype=np.float64,
-        )
-
 
 def _as_points(xy: np.ndarray) -> np.ndarray:
     pts = np.asarray(xy, dtype=np.float64)
@@ -152,8 +146,12 @@ def _as_points(xy: np.ndarray) -> np.ndarray:
     return pts
 
 
-def _open_rgb(path: str) -> Image.Image:
-    """Open ``path``, apply the EXIF orientation and convert to RGB, raising ImageLoadError on failure."""
+@contextmanager
+def _opened(path: str) -> Iterator[Image.Image]:
+    """Open ``path`` with PIL (header only; the caller decodes), checking the file and the pixel limit.
+
+    Any failure, also inside the ``with`` block, becomes an ImageLoadError naming the file.
+    """
     if not os.path.exists(path):
         raise ImageLoadError(f"image file not found: {path!r}")
     if os.path.isdir(path):
@@ -161,10 +159,13 @@ def _open_rgb(path: str) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise ImageLoadError(f"image file is empty (0 bytes): {path!r}")
-        with Image.open(path) as raw:
-            raw.load()
-            img = ImageOps.exif_transpose(raw)
-            rgb = img.convert("RGB")
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ImageLoadError(
+                    f"image is too large: {w}x{h} = {w * h:,} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+                    f"(mast3r_colmap.images.MAX_IMAGE_PIXELS): {path!r}")
+            yield img
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
@@ -174,7 +175,33 @@ def _open_rgb(path: str) -> Image.Image:
         raise ImageLoadError(
             f"cannot read image file {path!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    return rgb
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """RGB version of ``img``; greyscale images of more than 8 bits are scaled by their range first
+    (min -> 0, max -> 255; a constant image -> 128; NaN -> min, +-inf -> max/min)."""
+    if img.mode not in _WIDE_MODES:
+        return img.convert("RGB")
+    arr = np.asarray(img)
+    arr = arr.astype(np.float64 if arr.dtype.itemsize > 2 and arr.dtype.kind in "iu" else np.float32)
+    finite = np.isfinite(arr)
+    lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+    if not finite.all():
+        arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    if hi > lo:
+        u8 = np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    else:
+        u8 = np.full(arr.shape, 128, dtype=np.uint8)
+    logger.debug("%s: %s image scaled to 8 bit from its range %g..%g", path, img.mode, lo, hi)
+    return Image.fromarray(u8).convert("RGB")  # 2-D uint8: mode L
+
+
+def _open_rgb(path: str) -> Image.Image:
+    """Open and decode ``path``, apply the EXIF orientation and convert to RGB (see :func:`_to_rgb`),
+    raising ImageLoadError on failure."""
+    with _opened(path) as raw:
+        raw.load()
+        return _to_rgb(ImageOps.exif_transpose(raw), path)
 
 
 def _resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
@@ -294,19 +321,12 @@ def validate_image(path: str | os.PathLike[str]) -> tuple[int, int]:
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(W, H) of the image after EXIF transpose, reading the header only when possible.
 
-    Raises ImageLoadError for missing, empty or unreadable files.
+    Raises ImageLoadError for missing, empty or unreadable files and images above :data:`MAX_IMAGE_PIXELS`.
     """
     path_str = os.fspath(path)
-    if not os.path.isfile(path_str):
-        raise ImageLoadError(f"image file not found: {path_str!r}")
-    if os.path.getsize(path_str) == 0:
-        raise ImageLoadError(f"image file is empty (0 bytes): {path_str!r}")
-    try:
-        with Image.open(path_str) as img:
-            w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageLoadError(f"cannot read image file {path_str!r}: {type(exc).__name__}: {exc}") from exc
+    with _opened(path_str) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 

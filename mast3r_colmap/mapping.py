@@ -10,6 +10,25 @@ The database must hold verified two-view geometries with a real configuration (s
 
 Every mapper writes ``summary.json`` (see :func:`summary`) beside the model and logs it. Runs are seeded
 (``pycolmap.set_random_seed`` and every ``random_seed`` option) so results are repeatable.
+
+Output folder: never deletes or overwrites what this tool did not write, and never leaves stale files
+that look current.
+
+* A marker, ``mast3r-colmap.json`` (:data:`MARKER_FILE`), lists the files of the folder that are ours
+  and the state of the last run (``ok``, ``failed``, or ``writing`` while files are swapped in). If the
+  folder holds model files (``*.bin``, ``*.txt`` models, ``models/``, ``summary.json``) the marker does
+  not list, the mappers raise ValueError before running; :func:`check_output` does the same check for
+  callers that want to fail before matching.
+* pycolmap writes into a scratch folder ``.mast3r-colmap-tmp-<pid>-*`` inside the output folder (its
+  per-model subfolders too). Only on success are the new files moved into place, each with an atomic
+  rename; our previous files are moved aside first and removed after the new ones are in place. Scratch
+  folders are removed on every exit; those of killed runs (dead pid) at the next run.
+* A failed mapping (an error, Ctrl-C, no model, or fewer than 2 registered images) leaves our previous
+  model files untouched but marks them as not current: ``summary.json`` becomes
+  ``{"status": "failed", "reason": ..., "previous": <summary of the model still there, or null>}`` and
+  the marker says ``failed``. A successful run's ``summary.json`` is exactly :func:`summary` of the model.
+* COLMAP's messages go to the ``mast3r_colmap.colmap`` logger (:func:`~.utils.colmap_log_to_python`);
+  nothing is written outside the output folder.
 """
 
 from __future__ import annotations
@@ -18,18 +37,26 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pycolmap
 
+from . import __version__
 from .export.colmap_db import open_database
+from .utils import colmap_log_to_python
 
 __all__ = [
     "DEFAULT_SEED",
+    "MARKER_FILE",
+    "check_output",
     "database_from_reconstruction",
+    "default_output_dir",
     "global_",
     "global_mapping",
     "incremental",
@@ -43,7 +70,13 @@ logger = logging.getLogger(__name__)
 #: Seed used when the caller gives none.
 DEFAULT_SEED = 0
 SUMMARY_FILE = "summary.json"
+#: Marks an output folder as written by this tool and lists the files of it that are ours (JSON).
+MARKER_FILE = "mast3r-colmap.json"
 _MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin", "rigs.bin", "frames.bin")
+#: Names that hold (or could hold) a model: overwritten or removed only when the marker lists them.
+_MODEL_NAMES = (*_MODEL_FILES, "cameras.txt", "images.txt", "points3D.txt", "rigs.txt", "frames.txt",
+                "models", SUMMARY_FILE)
+_SCRATCH_PREFIX = ".mast3r-colmap-tmp-"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,8 +130,42 @@ def _check_db(db_path: str | os.PathLike) -> None:
         raise ValueError(f"database {str(db_path)!r} does not exist")
 
 
+def default_output_dir(db_path: str | os.PathLike) -> Path:
+    """Where the model of a database goes when no output folder is given: ``sparse`` beside it."""
+    return Path(db_path).parent / "sparse"
+
+
+def _owned(out: Path) -> set[str]:
+    """Names listed by the marker of ``out`` (empty without a valid marker)."""
+    try:
+        marker = json.loads((out / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(marker, dict) or marker.get("tool") != "mast3r-colmap":
+        return set()
+    return {str(n) for n in marker.get("files", [])} & set(_MODEL_NAMES)
+
+
+def check_output(output_dir: str | os.PathLike) -> None:
+    """Raise ValueError if ``output_dir`` is a file or holds model files this tool did not write (the
+    mappers never overwrite or delete those). A missing folder is fine."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} is a file")
+    if not out.is_dir():
+        return
+    owned = _owned(out)
+    foreign = [name for name in _MODEL_NAMES if name not in owned and os.path.lexists(out / name)]
+    if foreign:
+        raise ValueError(
+            f"output folder {str(out)!r} already holds {', '.join(foreign)}, not written by mast3r-colmap "
+            f"(no {MARKER_FILE} lists them); they are never overwritten: choose another output folder or "
+            "move them away")
+
+
 def _prepare_output(output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir)
+    check_output(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -106,19 +173,112 @@ def _prepare_output(output_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _pick_largest(models: Mapping[int, pycolmap.Reconstruction], output_dir: Path,
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
+
+
+@contextmanager
+def _scratch(out: Path) -> Iterator[Path]:
+    """A fresh folder inside ``out`` for pycolmap and the new files; removed on every exit. Scratch
+    folders of runs that were killed (their pid is gone) are removed first."""
+    for old in out.glob(_SCRATCH_PREFIX + "*"):
+        pid = old.name[len(_SCRATCH_PREFIX):].split("-")[0]
+        if old.is_dir() and not old.is_symlink() and pid.isdigit() and not _pid_alive(int(pid)):
+            logger.info("removing %s, left by an interrupted run", old)
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=out))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _put_json(out: Path, tmp: Path, name: str, data: Any) -> None:
+    """Write ``out/name`` atomically (through ``tmp``, on the same file system)."""
+    (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp / name, out / name)
+
+
+def _marker(status: str, kind: str, files: set[str]) -> dict[str, Any]:
+    return {"tool": "mast3r-colmap", "version": __version__, "status": status, "mapper": kind,
+            "files": sorted(files), "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _publish(rec: pycolmap.Reconstruction, out: Path, tmp: Path, kind: str) -> None:
+    """Write ``rec`` and its summary into ``tmp`` and move them (and ``tmp/models`` if any) into ``out``,
+    replacing our previous files."""
+    rec.write(str(tmp))
+    (tmp / SUMMARY_FILE).write_text(json.dumps(summary(rec), indent=2) + "\n")
+    new = [name for name in (*_MODEL_FILES, "models") if (tmp / name).exists()] + [SUMMARY_FILE]
+    owned = _owned(out)
+    old = owned - set(new)
+    _put_json(out, tmp, MARKER_FILE, _marker("writing", kind, owned | set(new)))
+    trash = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-old-", dir=out))
+    try:
+        for name in sorted(old) + [n for n in new if (tmp / n).is_dir()]:
+            if os.path.lexists(out / name):
+                os.replace(out / name, trash / name)  # folders cannot be replaced in one step
+        for name in new:  # summary.json last
+            os.replace(tmp / name, out / name)
+        _put_json(out, tmp, MARKER_FILE, _marker("ok", kind, set(new)))
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _record_failure(out: Path, tmp: Path, kind: str, reason: str) -> None:
+    """Mark our previous model in ``out`` (left untouched) as not current: see the module docstring."""
+    owned = _owned(out)
+    previous = None
+    if SUMMARY_FILE in owned:
+        try:
+            previous = json.loads((out / SUMMARY_FILE).read_text())
+        except (OSError, ValueError):
+            pass
+        if isinstance(previous, dict) and previous.get("status") == "failed":
+            previous = previous.get("previous")
+    try:
+        _put_json(out, tmp, SUMMARY_FILE, {"status": "failed", "mapper": kind, "reason": reason,
+                                           "previous": previous})
+        _put_json(out, tmp, MARKER_FILE, _marker("failed", kind, owned | {SUMMARY_FILE}))
+    except OSError as exc:
+        logger.error("could not record the failed mapping in %s: %s", out, exc)
+    kept = " (the model files there are those of an earlier run, not current)" if previous else ""
+    logger.warning("%s mapping failed: %s; %s says so%s", kind, reason, out / SUMMARY_FILE, kept)
+
+
+@contextmanager
+def _mapping_run(out: Path, kind: str) -> Iterator[Path]:
+    """Scratch folder around a mapper; any error is recorded as a failure."""
+    with _scratch(out) as tmp:
+        try:
+            yield tmp
+        except BaseException as exc:
+            _record_failure(out, tmp, kind, "interrupted" if isinstance(exc, KeyboardInterrupt)
+                            else f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def _pick_largest(models: Mapping[int, pycolmap.Reconstruction], out: Path, tmp: Path,
                   kind: str) -> pycolmap.Reconstruction | None:
+    """Publish the model with the most registered images; None (recorded as a failure) if it has < 2."""
     if not models:
-        logger.warning("%s mapping produced no model", kind)
+        _record_failure(out, tmp, kind, "pycolmap reconstructed no model")
         return None
     best_idx = max(models, key=lambda k: (models[k].num_reg_images(), models[k].num_points3D()))
     best = models[best_idx]
     logger.info("%s mapping: %d model(s); largest #%d with %d registered images", kind, len(models),
                 best_idx, best.num_reg_images())
-    for name in _MODEL_FILES:  # no stale files of an earlier run beside the new model
-        (output_dir / name).unlink(missing_ok=True)
-    best.write(str(output_dir))
-    write_summary(best, output_dir)
+    if best.num_reg_images() < 2:
+        _record_failure(out, tmp, kind, f"the largest model registers {best.num_reg_images()} image(s)")
+        return None
+    _publish(best, out, tmp, kind)
+    _log_summary(best, out)
     return best
 
 
@@ -143,21 +303,22 @@ def incremental(
     """Incremental SfM (``pycolmap.incremental_mapping``).
 
     All models go to ``output_dir/models/<k>``; the largest (most registered images) is also written to
-    ``output_dir`` itself with ``summary.json``, and returned (``None`` if nothing was reconstructed).
-    ``options`` overrides ``IncrementalPipelineOptions``; colours are extracted only if every database
-    image exists under ``image_dir``, unless ``extract_colors`` is given.
+    ``output_dir`` itself with ``summary.json``, and returned (``None`` if nothing was reconstructed or
+    fewer than 2 images were registered). ``options`` overrides ``IncrementalPipelineOptions``; colours are
+    extracted only if every database image exists under ``image_dir``, unless ``extract_colors`` is given.
+    Output folder rules (model files of others, failures): see the module docstring.
     """
     _check_db(db_path)
     out = _prepare_output(output_dir)
     seed = _seed(seed)
     defaults: dict[str, Any] = {"extract_colors": _images_present(db_path, image_dir)}
     opts = _options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
-    models_dir = out / "models"
-    if models_dir.exists():
-        shutil.rmtree(models_dir)
-    models_dir.mkdir()
-    models = pycolmap.incremental_mapping(str(db_path), _image_path(image_dir, out), str(models_dir), options=opts)
-    return _pick_largest(models, out, "incremental")
+    with _mapping_run(out, "incremental") as tmp:
+        (tmp / "models").mkdir()
+        with colmap_log_to_python(tmp):
+            models = pycolmap.incremental_mapping(str(db_path), _image_path(image_dir, out), str(tmp / "models"),
+                                                  options=opts)
+        return _pick_largest(models, out, tmp, "incremental")
 
 
 def global_mapping(
@@ -182,12 +343,11 @@ def global_mapping(
     opts = _options(pycolmap.GlobalPipelineOptions, options, defaults, seed)
     # pycolmap needs an existing folder; without the images it warns per image and colours stay black.
     image_path = str(image_dir) if _images_present(db_path, image_dir) else str(out)
-    models_dir = out / "models"
-    if models_dir.exists():
-        shutil.rmtree(models_dir)
-    models_dir.mkdir()
-    models = pycolmap.global_mapping(str(db_path), image_path, str(models_dir), options=opts)
-    return _pick_largest(models, out, "global")
+    with _mapping_run(out, "global") as tmp:
+        (tmp / "models").mkdir()
+        with colmap_log_to_python(tmp):
+            models = pycolmap.global_mapping(str(db_path), image_path, str(tmp / "models"), options=opts)
+        return _pick_largest(models, out, tmp, "global")
 
 
 #: Short alias.
@@ -254,7 +414,8 @@ def triangulate(
 
     The database must come from :func:`database_from_reconstruction` (same image ids and names) and hold
     verified two-view geometries. Existing 3D points of the reference are dropped. The model and
-    ``summary.json`` are written to ``output_dir``.
+    ``summary.json`` are written to ``output_dir`` (rules as for :func:`incremental`; a model without
+    points is still the current result and is published, with a warning).
     """
     _check_db(db_path)
     rec = pycolmap.Reconstruction(_load_reference(reference))  # never modify the caller's model
@@ -269,12 +430,15 @@ def triangulate(
     seed = _seed(seed)
     defaults: dict[str, Any] = {"extract_colors": _images_present(db_path, image_dir)}
     opts = _options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
-    for name in _MODEL_FILES:
-        (out / name).unlink(missing_ok=True)
-    result = pycolmap.triangulate_points(rec, str(db_path), _image_path(image_dir, out), str(out), clear_points=True,
-                                         options=opts, refine_intrinsics=refine_intrinsics)
-    result.write(str(out))
-    write_summary(result, out)
+    with _mapping_run(out, "triangulation") as tmp:
+        with colmap_log_to_python(tmp):
+            result = pycolmap.triangulate_points(rec, str(db_path), _image_path(image_dir, out), str(tmp),
+                                                 clear_points=True, options=opts,
+                                                 refine_intrinsics=refine_intrinsics)
+        _publish(result, out, tmp, "triangulation")
+    if result.num_points3D() == 0:
+        logger.warning("triangulation: no 3D points (are the two-view geometries verified?)")
+    _log_summary(result, out)
     return result
 
 
@@ -300,10 +464,14 @@ def summary(reconstruction: pycolmap.Reconstruction) -> dict[str, Any]:
 
 def write_summary(reconstruction: pycolmap.Reconstruction, output_dir: str | os.PathLike) -> Path:
     """Write :func:`summary` to ``output_dir/summary.json``, log it and return the path."""
-    s = summary(reconstruction)
     path = Path(output_dir) / SUMMARY_FILE
-    path.write_text(json.dumps(s, indent=2) + "\n")
+    path.write_text(json.dumps(summary(reconstruction), indent=2) + "\n")
+    _log_summary(reconstruction, output_dir)
+    return path
+
+
+def _log_summary(reconstruction: pycolmap.Reconstruction, output_dir: str | os.PathLike) -> None:
+    s = summary(reconstruction)
     logger.info("model %s: %d/%d images registered, %d points, track length %.2f, reprojection error %.3f px",
                 output_dir, s["num_registered_images"], s["num_images"], s["num_points3D"],
                 s["mean_track_length"], s["mean_reprojection_error"])
-    return path

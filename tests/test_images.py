@@ -97,15 +97,9 @@ def test_landscape_geometry_and_known_pixel_centres() -> None:
     # Per-axis scales are kept separately (they differ because of rounding).
     assert li.scale == (900 / 512, 600 / 341)
     assert li.scale[0] != li.scale[1]
-
-    m = li.network_to_original
-    assert m.dtype == np.float64 and m.shape == (3, 3)
-    np.testing.assert_allclose(
-        m,
-        [[900 / 512, 0.0, 0.37890625], [0.0, 600 / 341, 3.898826979472141], [0.0, 0.0, 1.0]],
-        rtol=0,
-        atol=1e-12,
-    )
+    # The affine map: per-axis scale and the translation (the image of network pixel (0, 0)).
+    np.testing.assert_allclose(li.to_original(np.array([[0.0, 0.0]])), [[0.37890625, 3.898826979472141]],
+                               rtol=0, atol=1e-12)
 
 
 def test_portrait_exif_transposed_geometry() -> None:
@@ -149,10 +143,6 @@ def test_coordinate_maps_are_exact_inverses() -> None:
         back = li.to_original(li.to_network(xy))
         np.testing.assert_allclose(back, xy, rtol=0, atol=1e-9)
         np.testing.assert_allclose(li.to_network(li.to_original(xy)), xy, rtol=0, atol=1e-9)
-        # Matrix forms agree with the functions and with each other.
-        hom = np.concatenate([xy, np.ones((len(xy), 1))], axis=1)
-        np.testing.assert_allclose((hom @ li.network_to_original.T)[:, :2], li.to_original(xy), atol=1e-9)
-        np.testing.assert_allclose(li.network_to_original @ li.original_to_network, np.eye(3), atol=1e-12)
         assert li.to_original(np.zeros((0, 2))).shape == (0, 2)
 
 

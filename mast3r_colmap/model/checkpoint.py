@@ -235,21 +235,49 @@ def read_checkpoint(source: str | os.PathLike) -> Tuple[MASt3RConfig, Dict[str, 
         f"model.safetensors, or a Hugging Face hub id such as {DEFAULT_CHECKPOINT}")
 
 
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    """The torch device to run on: ``device``, or CUDA when available, else the CPU.
+
+    Raises ValueError for a device string torch does not know or a device this machine lacks (e.g.
+    ``cuda`` without CUDA, ``cuda:3`` with one GPU), so that the command lines fail before loading anything.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N ({exc})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, dev.type, None)
+        available = bool(getattr(backend, "is_available", lambda: False)())
+        count = int(getattr(backend, "device_count", lambda: 1)()) if available else 0
+    if not available:
+        raise ValueError(f"device {str(device)!r} is not available on this machine (torch {torch.__version__}"
+                         f"{'' if dev.type != 'cuda' else ', no CUDA device found'}): use 'cpu'")
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} {dev.type} device(s)")
+    return dev
+
+
 def load_model(source: str | os.PathLike = DEFAULT_CHECKPOINT, device: Optional[str | torch.device] = None,
                amp_dtype: Optional[torch.dtype] = None) -> MASt3R:
     """Build the network described by a checkpoint and load its weights (strict key matching).
 
-    ``device`` defaults to CUDA when available. ``amp_dtype`` (e.g. ``torch.bfloat16``) enables
-    autocast of the encoder and decoder (meant for CUDA); the heads always run in float32.
+    ``device`` defaults to CUDA when available (see :func:`resolve_device`). ``amp_dtype`` (e.g.
+    ``torch.bfloat16``) enables autocast of the encoder and decoder (meant for CUDA); the heads always run
+    in float32.
     """
+    device = resolve_device(device)  # a bad device fails before the checkpoint is read
     config, state, description = read_checkpoint(source)
     with torch.device("meta"):
         model = MASt3R(config)
     weights = match_state_dict(model, state, description)
     model.load_state_dict(weights, strict=True, assign=True)
     del state, weights
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
     model.amp_dtype = amp_dtype
     logger.info("loaded MASt3R (%d encoder / %d decoder blocks) from %s on %s",
