@@ -10,10 +10,16 @@ a :class:`~.matching.matcher.SourceMatcher` over the synthetic oracle of the tes
 Crash safety: raw matches go pair by pair into a :class:`~.store.MatchStore`; keypoints and matches
 are written to the database in one transaction after all pairs are matched; verification and mapping
 are idempotent. A run killed at any point and started again ends with the same database.
+
+Re-runs never mix inputs: stored matches are reused only for unchanged image files and weights (see
+:mod:`~.store`), and a database records the pictures and settings that filled it
+(:mod:`~.export.provenance`): a re-run with a changed picture or other settings is refused before any
+matching, unless ``overwrite`` starts the database and the match store afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,9 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import mapping
-from .export import colmap_db, hloc_h5
+from .export import colmap_db, hloc_h5, provenance
 from .images import ImageLoadError, list_images, validate_image
 from .keypoints import KeypointConfig, consolidate
+from .lock import locks_database
 from .matching.schedule import schedule_pairs
 from .pairs import pairs_from_spec, write_pairs
 from .store import MatchStore, config_key
@@ -45,7 +52,7 @@ class PairMatcher(Protocol):
     """
 
     def settings(self) -> Dict[str, Any]:
-        """Everything that determines the matches (keys the resumable store)."""
+        """Everything that determines the matches (keys the resumable store; recorded in the database)."""
         ...
 
     def match_pairs(self, pairs: Iterable[Tuple[str, str]]) -> Iterator[PairMatches]:
@@ -78,6 +85,20 @@ def default_store_path(database: str | os.PathLike) -> Path:
     return database.with_name(database.name + ".mast3r-matches.sqlite")
 
 
+def remove_run_files(database: str | os.PathLike, store_path: Optional[str | os.PathLike] = None) -> List[Path]:
+    """Delete a run's database and match store (default :func:`default_store_path`) with their SQLite
+    ``-wal`` / ``-shm`` companions, and nothing else; returns the files deleted."""
+    removed = []
+    for path in (Path(database), Path(store_path) if store_path else default_store_path(database)):
+        for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if file.is_file():
+                file.unlink()
+                removed.append(file)
+    if removed:
+        logger.info("overwrite: deleted %s", ", ".join(str(f) for f in removed))
+    return removed
+
+
 def usable_images(image_dir: str | os.PathLike, strict: bool = False, progress: bool = True) -> List[str]:
     """Image names under ``image_dir`` that decode; unreadable ones are skipped with a warning
     (or raise :class:`ImageLoadError` when ``strict``)."""
@@ -98,6 +119,46 @@ def usable_images(image_dir: str | os.PathLike, strict: bool = False, progress: 
     if len(good) < 2:
         raise ValueError(f"need at least 2 readable images in {os.fspath(image_dir)!r}, found {len(good)}")
     return good
+
+
+def check_image_names(names: Iterable[str], export_h5: bool = False) -> None:
+    """Refuse, before any matching, the image names a run cannot carry through, saying why.
+
+    * A name that is not valid UTF-8 (file-name bytes that Python could only decode with surrogate
+      escapes): COLMAP stores names as UTF-8 text and pycolmap cannot take it.
+    * With ``export_h5``: a name with whitespace, since hloc's pairs.txt is whitespace separated; and
+      two names that hloc's matches.h5 keys (``/`` replaced by ``-``) cannot tell apart.
+
+    Everything else works: spaces, unicode, subfolders, even line breaks (the database and the binary
+    model hold names as length-delimited text; only COLMAP's *text* model format cuts names at whitespace).
+
+    Raises:
+        ValueError: naming (up to 5 of) the refused names and the reason.
+    """
+    names = list(names)
+
+    def refuse(bad: Sequence[object], reason: str) -> None:
+        if bad:
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise ValueError(f"{len(bad)} image name(s) {reason}: "
+                             f"{', '.join(repr(n) for n in bad[:5])}{more}; rename the files")
+
+    bad = []
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(os.fsencode(name))
+    refuse(bad, "are not valid UTF-8, which COLMAP needs for image names")
+    if export_h5:
+        refuse([n for n in names if any(c.isspace() for c in n)],
+               "contain whitespace and cannot go into the hloc pairs.txt of --export-h5")
+        keys: Dict[str, str] = {}
+        for name in names:
+            other = keys.setdefault(name.replace("/", "-"), name)
+            if other != name:
+                refuse([other, name], "have the same hloc matches.h5 key ('/' replaced by '-') and "
+                                      "cannot both go into the files of --export-h5")
 
 
 def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], store: MatchStore,
@@ -126,24 +187,54 @@ def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], sto
     return len(todo)
 
 
+def database_settings(matcher: PairMatcher, keypoint_conf: KeypointConfig) -> Dict[str, Any]:
+    """What must stay the same across the runs that fill one database (it records them): the matcher's
+    settings and the keypoint settings. Not the pairs: adding pairs or images is a normal re-run."""
+    return {"matcher": matcher.settings(), "keypoints": dataclasses.asdict(keypoint_conf)}
+
+
+def _image_hashes(store: MatchStore, names: Iterable[str]) -> Dict[str, str]:
+    """Content hashes of the image files (none when the store has no image folder); a file that cannot
+    be read is left out (the matcher reports it if it is paired)."""
+    out = {}
+    for name in names:
+        try:
+            digest = store.file_hash(name)
+        except OSError as exc:
+            logger.debug("cannot hash image %s: %s", name, exc)
+            continue
+        if digest is not None:
+            out[name] = digest
+    return out
+
+
 def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pairs: Sequence[Tuple[str, str]],
                         matcher: PairMatcher, keypoint_conf: KeypointConfig = KeypointConfig(),
-                        store_path: Optional[str | os.PathLike] = None, progress: bool = True):
+                        store_path: Optional[str | os.PathLike] = None, progress: bool = True,
+                        image_dir: Optional[str | os.PathLike] = None):
     """Match the pairs the database lacks (through the resumable store), consolidate keypoints (images
     that already have keypoints keep them), write keypoints and matches in one transaction, verify.
+
+    First the image files (under ``image_dir``, default ``matcher.image_dir``; without one, only the
+    settings) and :func:`database_settings` are checked against what the database records, and recorded:
+    a changed picture or other settings raise a ValueError before any matching.
 
     Returns ``(keypoints, matches, verified)``: the consolidated values of this call and
     ``{pair: number of inliers}`` of the verification of ``pairs``.
     """
-    with colmap_db.open_database(database) as db:
-        in_db = colmap_db.existing_pairs(db)
-        fixed = colmap_db.existing_keypoints(db)
-    new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
-    if len(new_pairs) < len(pairs):
-        logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
-
+    image_dir = image_dir if image_dir is not None else getattr(matcher, "image_dir", None)
+    settings = database_settings(matcher, keypoint_conf)
     store_path = Path(store_path) if store_path else default_store_path(database)
-    with MatchStore(store_path, config_key(matcher.settings())) as store:
+    with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
+        hashes = _image_hashes(store, ids)
+        provenance.check(database, hashes, settings)
+        provenance.record(database, hashes, settings)
+        with colmap_db.open_database(database) as db:
+            in_db = colmap_db.existing_pairs(db)
+            fixed = colmap_db.existing_keypoints(db)
+        new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
+        if len(new_pairs) < len(pairs):
+            logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
         match_into_store(matcher, new_pairs, store, progress)
         keypoints, matches = consolidate(store.get_many(new_pairs), keypoint_conf, fixed=fixed)
     logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
@@ -159,24 +250,39 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
     return keypoints, matches, verified
 
 
+@locks_database("database")
 def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, matcher: PairMatcher,
                 config: PipelineConfig = PipelineConfig(), output_dir: Optional[str | os.PathLike] = None,
                 export_h5: Optional[str | os.PathLike] = None,
                 store_path: Optional[str | os.PathLike] = None,
                 descriptors_fn=None, names: Optional[Sequence[str]] = None,
-                similarity_fn=None) -> Dict[str, Any]:
+                similarity_fn=None, overwrite: bool = False) -> Dict[str, Any]:
     """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran).
 
     ``names`` (relative image paths) defaults to :func:`usable_images` of ``image_dir``.
     ``descriptors_fn`` / ``similarity_fn`` serve the ``retrieval:*`` pair specs (see
     :func:`~.pairs.pairs_from_spec`; ``similarity_fn``, e.g. ASMK scores, takes precedence).
+    An existing database is extended (resumed) only with the same pictures and settings, else a
+    ValueError is raised before anything is written; ``overwrite`` deletes the database and the match
+    store first (see :func:`remove_run_files`).
+
+    One run per database: the call holds :func:`~.lock.database_lock` throughout, and a database in use
+    by another run raises ValueError at once. Image names that cannot work are refused before any
+    matching (:func:`check_image_names`).
     """
     image_dir, database = Path(image_dir), Path(database)
     if not image_dir.is_dir():
         raise ValueError(f"image folder {str(image_dir)!r} does not exist or is not a folder")
     names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
     logger.info("%d images in %s", len(names), image_dir)
+    check_image_names(names, export_h5=export_h5 is not None)
 
+    store_path = Path(store_path) if store_path else default_store_path(database)
+    if overwrite:
+        remove_run_files(database, store_path)
+    settings = database_settings(matcher, config.keypoints)
+    with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
+        provenance.check(database, _image_hashes(store, names), settings)  # before anything is written
     with colmap_db.open_database(database) as db:
         ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
                                       config.intrinsics)
@@ -185,7 +291,7 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     logger.info("%d pairs (%s)", len(pairs), config.pairs)
 
     keypoints, matches, verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
-                                                       store_path, config.progress)
+                                                       store_path, config.progress, image_dir=image_dir)
     n_verified = sum(1 for v in verified.values() if v > 0)
 
     if export_h5 is not None:
@@ -193,11 +299,10 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
 
     result: Dict[str, Any] = {"num_images": len(names), "num_pairs": len(pairs), "num_verified_pairs": n_verified}
     if config.mapper != "none":
-        out = Path(output_dir) if output_dir else database.parent / "sparse"
+        out = Path(output_dir) if output_dir else mapping.default_output_dir(database)
         run = mapping.incremental if config.mapper == "incremental" else mapping.global_mapping
         rec = run(database, image_dir, out, options=config.mapper_options, seed=config.seed)
-        if rec is None:
-            logger.warning("the %s mapper reconstructed nothing (too few verified matches?)", config.mapper)
+        if rec is None:  # the mapper logged why and marked the output folder (see mapping)
             result.update(num_registered_images=0)
         else:
             result.update(mapping.summary(rec))

@@ -19,10 +19,15 @@ from .keypoints import KeypointConfig
 from .matching.matcher import add_cli_arguments, cli_overrides
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
-from .utils import EXIT_BAD_INPUT, check_writable, run_cli, setup_logging  # noqa: F401 (EXIT_BAD_INPUT re-exported)
+from .utils import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_NO_MODEL, check_writable,  # noqa: F401 (re-exported)
+                    run_cli, setup_logging)
 
 logger = logging.getLogger("mast3r_colmap")
 _RETRIEVAL_CACHE = 1024  # encodings kept when retrieval pairs are used (see main)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog (exit codes) as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mast3r-colmap",
         description="Match images with MASt3R, write a COLMAP database and reconstruct with pycolmap.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
     p.add_argument("images", type=Path, help="image folder (searched recursively)")
     p.add_argument("database", type=Path, help="COLMAP database to create or extend")
     p.add_argument("--pairs", default="exhaustive",
@@ -60,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-h5", type=Path, default=None,
                    help="also write hloc features.h5 / matches.h5 / pairs.txt into this folder")
     p.add_argument("--mapper", choices=MAPPERS, default="incremental")
-    p.add_argument("--output", type=Path, default=None, help="sparse model folder (default: DATABASE's folder/sparse)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="sparse model folder (default: DATABASE's folder/sparse); one holding a model this tool "
+                        "did not write is refused, a failed mapping keeps the earlier model and says so in "
+                        "summary.json")
     p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh: delete DATABASE and its match store (with their -wal/-shm files) first; "
+                        "without it, a re-run must use the same pictures and matching settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -78,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from .matching.matcher import Matcher, get_config
-    from .model.checkpoint import load_model
+    from .mapping import check_output, default_output_dir
+    from .model.checkpoint import load_model, resolve_device
     from .pipeline import reconstruct, usable_images
 
     if not args.images.is_dir():
@@ -89,6 +101,9 @@ def _run(args: argparse.Namespace) -> int:
     for path, what in ((args.output, "output folder"), (args.export_h5, "hloc export folder")):
         if path is not None:
             check_writable(path, what)
+    if args.mapper != "none":  # a model of someone else there is never overwritten: fail before matching
+        check_output(args.output or default_output_dir(args.database))
+    device = resolve_device(args.device)  # e.g. cuda without CUDA: fails before anything is loaded
     config = PipelineConfig(
         pairs=args.pairs, camera_mode=args.camera_mode, camera_model=args.camera_model,
         intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,
@@ -111,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             logger.warning("--retrieval-model is only used by retrieval:* pairs, not by %r", args.pairs)
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    model = load_model(args.checkpoint, device=args.device, amp_dtype=amp)
+    model = load_model(args.checkpoint, device=device, amp_dtype=amp)
     matcher = Matcher(model, matcher_conf, image_dir=args.images, checkpoint=str(args.checkpoint))
     similarity_fn = None
     if retriever is not None:
@@ -119,8 +134,15 @@ def _run(args: argparse.Namespace) -> int:
         similarity_fn = retriever.similarity_fn(matcher)  # encodings shared with matching
     summary = reconstruct(args.images, args.database, matcher, config, output_dir=args.output,
                           export_h5=args.export_h5, descriptors_fn=matcher.global_descriptors, names=names,
-                          similarity_fn=similarity_fn)
+                          similarity_fn=similarity_fn, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
+    if args.mapper != "none" and summary.get("num_registered_images", 0) < 2:
+        hint = ("the images may not overlap: try more pairs (--pairs)" if not summary["num_verified_pairs"] else
+                "COLMAP's reasons are logged above as mast3r_colmap.colmap (all of them with --verbose)")
+        logger.error("no model: the %s mapper registered %d images (at least 2 needed); %d of %d image pairs "
+                     "passed geometric verification; %s", args.mapper, summary.get("num_registered_images", 0),
+                     summary["num_verified_pairs"], summary["num_pairs"], hint)
+        return EXIT_NO_MODEL
     return 0
 
 

@@ -219,7 +219,7 @@ class Matcher:
     def __init__(self, model: MASt3R, conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
                  image_dir: Optional[Union[str, os.PathLike]] = None, checkpoint: str = ""):
         self.model = model
-        self.checkpoint = checkpoint
+        self.checkpoint = checkpoint  # where the weights came from (settings() keys their digest)
         self.conf = get_config(conf)
         self.image_dir = image_dir
         self.encodings = EncodingCache(model, self.conf.cache_size)
@@ -232,13 +232,15 @@ class Matcher:
         return self.conf.cache_size
 
     def settings(self) -> Dict[str, Any]:
-        """What determines the matches: checkpoint, architecture and matching settings."""
-        return {"checkpoint": self.checkpoint, "model": repr(self.model.conf), **_match_settings(self.conf)}
+        """What determines the matches: the weights (their digest, not the checkpoint path, which may
+        be overwritten with new weights), architecture, precision and matching settings."""
+        return {"weights": self.model.weights_digest(), "model": repr(self.model.conf),
+                "precision": str(self.model.amp_dtype or torch.float32), **_match_settings(self.conf)}
 
     @torch.inference_mode()
     def global_descriptors(self, names: Sequence[str]) -> np.ndarray:
         """(N, C) retrieval descriptors pooled from the encoder tokens (encodings stay cached)."""
-        from ..pairs import global_descriptor_from_tokens
+        from ..model.pooling import global_descriptor_from_tokens
 
         out = []
         for image in self.images(names):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -235,6 +236,26 @@ class MASt3R(nn.Module):
         #: autocast dtype of encoder and decoder (None: float32); the heads always run in float32.
         #: Meant for CUDA; on a CPU, bf16 is fast only with native support (AMX / AVX512-BF16).
         self.amp_dtype: Optional[torch.dtype] = None
+        self._weights_digest: Optional[Tuple[Tuple[Tuple[int, int], ...], str]] = None
+
+    def weights_digest(self) -> str:
+        """sha256 of the loaded weights: every tensor of the state dict (name, dtype, shape and bytes).
+
+        It keys stored matches by the weights themselves, not by the checkpoint path they came from.
+        Computed once (about 2 s for ViT-L) and cached; tensors changed in place (``load_state_dict``) or
+        replaced since are noticed and hashed again.
+        """
+        state = self.state_dict()
+        stamp = tuple((t.data_ptr(), t._version) for t in state.values())
+        if self._weights_digest is not None and self._weights_digest[0] == stamp:
+            return self._weights_digest[1]
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            tensor = state[name].detach().contiguous().cpu()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode("utf-8"))
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._weights_digest = (stamp, digest.hexdigest())
+        return self._weights_digest[1]
 
     def _decoder(self, rope: RoPE2D) -> nn.ModuleList:
         c = self.conf
