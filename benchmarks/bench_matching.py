@@ -23,11 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from mast3r_colmap.matching.frm import (
-    available_backends,
-    fast_reciprocal_nns,
-    mutual_nearest_neighbours,
-)
+from mast3r_colmap.matching.frm import fast_reciprocal_nns, mutual_nearest_neighbours
 
 logger = logging.getLogger("bench_matching")
 
@@ -107,8 +103,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-baseline", action="store_true", help="skip the (slow) brute-force baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--backends", default=",".join(available_backends()),
-                    help="comma-separated FRM backends to time (default: all available)")
     ap.add_argument("--e2e-config", default="full", choices=["full", "small", "none"],
                     help="network architecture for the end-to-end match_pair rows (test weights)")
     ap.add_argument("--e2e-images", type=int, default=4, help="images in the end-to-end sequence")
@@ -117,52 +111,42 @@ def main() -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-        try:
-            import faiss
-
-            faiss.omp_set_num_threads(args.threads)
-        except ImportError:
-            pass
 
     d1, d2 = descriptor_pair(args.height, args.width, args.dim, seed=args.seed)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows: list[tuple[str, str, str, float, float, int]] = []
-    results: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    rows: list[tuple[str, str, float, float, int]] = []
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     baseline: dict[str, float] = {}
     mnn_pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     for dev in devices:
         t1 = torch.from_numpy(d1).to(dev)
         t2 = torch.from_numpy(d2).to(dev)
-        backends = [b for b in args.backends.split(",") if b]
-        for be in backends:
-            fast_reciprocal_nns(t1, t2, args.subsample, backend=be)  # warm-up
-            sec, cpu, res = timeit(lambda: fast_reciprocal_nns(t1, t2, args.subsample, backend=be), args.repeats)
-            results[(dev, be)] = res
-            rows.append((dev, f"FRM S={args.subsample}", be, sec, cpu, len(res[0])))
+        fast_reciprocal_nns(t1, t2, args.subsample)  # warm-up
+        sec, cpu, res = timeit(lambda: fast_reciprocal_nns(t1, t2, args.subsample), args.repeats)
+        results[dev] = res
+        rows.append((dev, f"FRM S={args.subsample}", sec, cpu, len(res[0])))
         if not args.no_baseline:
-            sec, cpu, res = timeit(lambda: mutual_nearest_neighbours(t1, t2, backend="torch"),
-                                   args.baseline_repeats)
+            sec, cpu, res = timeit(lambda: mutual_nearest_neighbours(t1, t2), args.baseline_repeats)
             baseline[dev] = sec
             mnn_pairs[dev] = res
-            rows.append((dev, "dense MNN (brute force)", "torch", sec, cpu, len(res[0])))
+            rows.append((dev, "dense MNN (brute force)", sec, cpu, len(res[0])))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\ntorch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, load avg (1 min)={load:.2f}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}; "
           f"pair {args.height}x{args.width}, D={args.dim}; best of {args.repeats} (baseline {args.baseline_repeats})")
-    hdr = (f"{'device':6} | {'method':24} | {'backend':7} | {'wall s':>8} | {'cpu s':>8} | {'matches':>7} | "
-           f"{'MNN/this':>8}")
+    hdr = f"{'device':6} | {'method':24} | {'wall s':>8} | {'cpu s':>8} | {'matches':>7} | {'MNN/this':>8}"
     print(hdr)
     print("-" * len(hdr))
-    for dev, method, be, sec, cpu, n in rows:
+    for dev, method, sec, cpu, n in rows:
         ratio = f"{baseline[dev] / sec:7.1f}x" if dev in baseline else "     n/a"
-        print(f"{dev:6} | {method:24} | {be:7} | {sec:8.3f} | {cpu:8.3f} | {n:7d} | {ratio:>8}")
+        print(f"{dev:6} | {method:24} | {sec:8.3f} | {cpu:8.3f} | {n:7d} | {ratio:>8}")
 
-    # exactness checks: every backend/device gives the same pairs, all of them mutual NNs
+    # exactness checks: every device gives the same pairs, all of them mutual NNs
     ref = next(iter(results.values()))
     ok_agree = all(np.array_equal(r[0], ref[0]) and np.array_equal(r[1], ref[1]) for r in results.values())
-    print(f"\nall backends/devices agree ({', '.join('/'.join(k) for k in results)}): {ok_agree}")
+    print(f"\nall devices agree ({', '.join(results)}): {ok_agree}")
     if "cpu" in mnn_pairs:
         w1, w2 = args.width, args.width
         mnn = set(zip((mnn_pairs["cpu"][0] @ [1, w1]).tolist(), (mnn_pairs["cpu"][1] @ [1, w2]).tolist()))

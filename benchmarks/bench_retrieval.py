@@ -4,13 +4,14 @@ Inputs are synthetic at the real sizes: encoder tokens (S = 768 tokens of a 512x
 from shared "scene" clusters, a retrieval head with a float64 1024x1024 prewhitener (the likely layout of the
 released file), ``nfeat = 300`` local features per image and a codebook of ``--words`` (default 65536,
 MASt3R-SfM's "64k") random centroids. The encoder is not run (it is benchmarked by bench_model.py; about
-13 s per image on this CPU); its encodings are shared with matching (see mast3r_colmap.retrieval).
+13 s per image on this CPU); its encodings are shared with matching (see mast3r_colmap.retrieval.retriever).
 
 Stages timed separately:
 
 * features: the retrieval head + top-nfeat, per image (linear in N);
-* assign: faiss IndexFlatL2 search of every local feature among the words, 5 nearest (linear in N; the
-  dominant cost: N * nfeat * K * D * 2 flops);
+* assign: exact L2 search (torch) of every local feature among the words, 5 nearest (linear in N; the
+  dominant cost: N * nfeat * K * D * 2 flops); with ``--faiss``, faiss IndexFlatL2 (the former
+  implementation) is timed on the same input as the baseline;
 * aggregate: residual sums per visual word and binarisation, MA 1 and MA 5 (linear in N);
 * score: the inverted-file join and binary kernel (up to quadratic in N).
 
@@ -19,6 +20,7 @@ The estimate for ``--target`` images (default 1000) is
 
     python benchmarks/bench_retrieval.py --sizes 50 100 200
     python benchmarks/bench_retrieval.py --sizes 20 50 --words 16384   # quicker
+    python benchmarks/bench_retrieval.py --sizes 5 --words 65536 --faiss --asmk-package --threads 1
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import numpy as np
 import torch
 
 from mast3r_colmap import retrieval as R
+from mast3r_colmap.retrieval import scoring as S
+from mast3r_colmap.testing.asmk_reference import asmk_available, asmk_package_similarity
 from mast3r_colmap.testing.retrieval_weights import make_retrieval_args
 
 logger = logging.getLogger("bench_retrieval")
@@ -76,26 +80,33 @@ def run(n: int, args: argparse.Namespace, device: str) -> Dict[str, float]:
     t_feat = time.perf_counter() - t0
     rng = np.random.default_rng(args.seed + 1)
     centroids = rng.standard_normal((args.words, args.dim)).astype(np.float32)
-    import faiss
-
-    use_gpu = device == "cuda" and R._faiss_gpu(faiss)
     nbits = 64 * math.ceil(args.dim / 64)
+    x = np.concatenate(feats)
     t0 = time.perf_counter()
-    words = R._search(np.concatenate(feats), centroids, 5, use_gpu)
+    words = S._nearest_words(x, centroids, 5, torch.device(device))
     t_assign = time.perf_counter() - t0
     t0 = time.perf_counter()
-    db = R._aggregate_all(feats, words, centroids, 1, nbits)
-    query = R._aggregate_all(feats, words, centroids, 5, nbits)
+    db = S._aggregate_all(feats, words, centroids, 1, nbits)
+    query = S._aggregate_all(feats, words, centroids, 5, nbits)
     t_agg = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sim = R._score(db, query, n, args.dim, 3.0, 0.0)
+    sim = S._score(db, query, n, args.dim, 3.0, 0.0)
     t_score = time.perf_counter() - t0
     hits = np.mean(sim.argmax(axis=1) == np.arange(n))
     res = {"n": n, "features": t_feat, "assign": t_assign, "aggregate": t_agg, "score": t_score,
-           "self_first": float(hits), "faiss_gpu": use_gpu}
-    if args.asmk_package and R.asmk_available() and n == min(args.sizes):
+           "self_first": float(hits)}
+    if args.faiss and device == "cpu":
+        import faiss  # noqa: PLC0415
+
         t0 = time.perf_counter()
-        ref = R.asmk_similarity(feats, centroids, backend="asmk", use_gpu=use_gpu)
+        index = faiss.IndexFlatL2(args.dim)
+        index.add(centroids)
+        ref_words = index.search(x, 5)[1]
+        res["faiss_assign"] = time.perf_counter() - t0
+        res["faiss_same_words"] = float(np.mean(np.all(ref_words == words, axis=1)))
+    if args.asmk_package and asmk_available() and n == min(args.sizes):
+        t0 = time.perf_counter()
+        ref = asmk_package_similarity(feats, centroids)
         res["asmk_package_total"] = time.perf_counter() - t0
         res["asmk_package_max_diff"] = float(np.abs(ref - sim).max())
     return res
@@ -111,13 +122,18 @@ def main() -> None:
     ap.add_argument("--target", type=int, default=1000, help="number of images of the estimate")
     ap.add_argument("--encoder-s", type=float, default=13.0, help="seconds per image of the encoder (for the note)")
     ap.add_argument("--asmk-package", action="store_true", help="also time the asmk package at the smallest N")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--faiss", action="store_true", help="also time faiss IndexFlatL2 word assignment (CPU)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (and faiss's threads)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+        if args.faiss:
+            import faiss  # noqa: PLC0415
+
+            faiss.omp_set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         rows = []
@@ -130,6 +146,9 @@ def main() -> None:
             rows.append(r)
             logger.info("%6d %10.2f %10.2f %10.2f %10.2f %10.2f", n, r["features"], r["assign"], r["aggregate"],
                         r["score"], r["self_first"])
+            if "faiss_assign" in r:
+                logger.info("       faiss IndexFlatL2 assign (same input): %.2f s, same 5 words for %.4f of the "
+                            "features", r["faiss_assign"], r["faiss_same_words"])
             if "asmk_package_total" in r:
                 logger.info("       asmk package (same N, all stages): %.2f s, max |difference| %.2e",
                             r["asmk_package_total"], r["asmk_package_max_diff"])

@@ -9,8 +9,6 @@ import pytest
 
 from mast3r_colmap.matching.coarse_to_fine import (
     candidate_crop_pairs,
-    crop_to_full,
-    full_to_crop,
     greedy_selection,
     needs_coarse_to_fine,
     normalize_windows,
@@ -233,16 +231,6 @@ def test_greedy_selection_hand_example():
     assert greedy_selection(np.zeros((3, 5))) == []
     assert greedy_selection(np.zeros((0, 5))) == []
     assert greedy_selection(np.zeros((0, 0))) == []
-
-
-def test_crop_full_roundtrip():
-    xy = np.array([[0, 0], [10, 5], [383, 511]])
-    win = (100, 200, 484, 712)
-    full = crop_to_full(xy, win)
-    np.testing.assert_array_equal(full, [[100, 200], [110, 205], [483, 711]])
-    assert np.issubdtype(full.dtype, np.integer)
-    np.testing.assert_array_equal(full_to_crop(full, win), xy)
-    np.testing.assert_allclose(crop_to_full(np.array([[0.5, 1.5]]), win), [[100.5, 201.5]])
 
 
 # ----------------------------------------------------------------------------- edge cases

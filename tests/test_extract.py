@@ -13,8 +13,6 @@ from mast3r_colmap.matching.extract import (
     border_mask,
     extract_correspondences_nonsym,
     extract_correspondences_symmetric,
-    filter_border,
-    filter_confidence,
 )
 from mast3r_colmap.matching.frm import fast_reciprocal_nns, mutual_nearest_neighbours
 
@@ -55,7 +53,7 @@ def test_nonsym_golden(frm_ref, d_inputs, tol):
     assert np.array_equal(xy2, frm_ref[f"d_tol{tol}_xy2"])
     assert conf.dtype == np.float32 and np.array_equal(conf, frm_ref[f"d_tol{tol}_conf"])
     assert xy1.dtype == np.int64 and xy2.dtype == np.int64
-    assert m.filter_confidence(1.001).num == {0: 202, 5: 207}[tol]
+    assert int((conf >= 1.001).sum()) == {0: 202, 5: 207}[tol]  # kept by the COLMAP-export threshold
 
 
 def test_nonsym_torch_inputs(frm_ref, d_inputs):
@@ -120,20 +118,16 @@ def test_border_filter():
     m2 = border_mask(xy1, xy2, (384, 512), (512, 384), border=0)
     assert m2.tolist() == [True] * 6
     conf = np.arange(6, dtype=np.float32)
-    a1, a2, c = filter_border(xy1, xy2, (384, 512), (512, 384), conf=conf)
-    assert c.tolist() == [0, 2, 4] and a1.shape == (3, 2) and a2.shape == (3, 2)
-    assert filter_border(xy1, xy2, (384, 512), (512, 384))[2] is None
-    mt = Matches(xy1, xy2, conf).filter_border((384, 512), (512, 384))
-    assert mt.conf.tolist() == [0, 2, 4]
+    mt = Matches(xy1, xy2, conf).select(m)
+    assert mt.conf.tolist() == [0, 2, 4] and mt.xy1.shape == (3, 2) and mt.xy2.shape == (3, 2)
     # x = 381 is inside a 384-wide image 2 only without the 3-px border
     assert not border_mask(np.array([[100, 100]]), np.array([[381, 100]]), (384, 512), (512, 384))[0]
 
 
-def test_confidence_filter():
+def test_matches_select():
     xy = np.arange(10).reshape(5, 2)
     conf = np.array([0.5, 1.001, 1.0, 2.0, 1.0009], np.float32)
-    a, b, c = filter_confidence(xy, xy, conf, 1.001)
-    assert c.tolist() == pytest.approx([1.001, 2.0]) and a.tolist() == [[2, 3], [6, 7]]
     m = Matches(xy, xy + 1, conf)
-    xy1, xy2, cc = m.filter_confidence(1.001)  # unpacks like a tuple
+    xy1, xy2, cc = m.select(m.conf >= 1.001)  # unpacks like a tuple
+    assert cc.tolist() == pytest.approx([1.001, 2.0]) and xy1.tolist() == [[2, 3], [6, 7]]
     assert xy2.tolist() == [[3, 4], [7, 8]] and m.num == 5

@@ -10,7 +10,6 @@ import torch
 
 from mast3r_colmap.matching.frm import (
     _exact_fp32_matmul,
-    available_backends,
     fast_reciprocal_nns,
     grid_seeds,
     merge_corres,
@@ -19,7 +18,6 @@ from mast3r_colmap.matching.frm import (
 )
 
 DATA = Path(__file__).parent / "data"
-BACKENDS = available_backends()
 
 
 @pytest.fixture(scope="module")
@@ -67,35 +65,24 @@ def assert_sorted_unique(xy1: np.ndarray, xy2: np.ndarray, w1: int, w2: int) -> 
 # --------------------------------------------------------------------------------------
 # golden vectors (official outputs)
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_case_a(frm_ref, model_desc, backend):
-    xy1, xy2 = fast_reciprocal_nns(*model_desc, subsample=8, backend=backend)
+def test_case_a(frm_ref, model_desc):
+    xy1, xy2 = fast_reciprocal_nns(*model_desc, subsample=8)
     assert np.array_equal(xy1, frm_ref["a_xy1"]) and np.array_equal(xy2, frm_ref["a_xy2"])
     assert xy1.dtype == np.int64 and xy2.dtype == np.int64
 
 
-def test_case_a_basin(frm_ref, model_desc):
-    xy1, xy2, basin = fast_reciprocal_nns(*model_desc, subsample=8, ret_basin=True)
-    assert np.array_equal(xy1, frm_ref["a_basin_xy1"])
-    assert np.array_equal(xy2, frm_ref["a_basin_xy2"])
-    assert basin.dtype == np.int32 and basin.shape == (160 * 224 + 1,)
-    assert np.array_equal(basin, frm_ref["a_basin"])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("s", [8, 4])
-def test_case_b(frm_ref, b_desc, s, backend):
-    xy1, xy2 = fast_reciprocal_nns(*b_desc, subsample=s, backend=backend)
+def test_case_b(frm_ref, b_desc, s):
+    xy1, xy2 = fast_reciprocal_nns(*b_desc, subsample=s)
     assert np.array_equal(xy1, frm_ref[f"b_s{s}_xy1"])
     assert np.array_equal(xy2, frm_ref[f"b_s{s}_xy2"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tol", [5, 0])
-def test_case_c(frm_ref, b_desc, tol, backend):
+def test_case_c(frm_ref, b_desc, tol):
     sx, sy = c_seeds()
     assert np.array_equal(sx, frm_ref["c_seeds_x"]) and np.array_equal(sy, frm_ref["c_seeds_y"])
-    xy1, xy2 = fast_reciprocal_nns(*b_desc, seeds=(sx, sy), pixel_tol=tol, backend=backend)
+    xy1, xy2 = fast_reciprocal_nns(*b_desc, seeds=(sx, sy), pixel_tol=tol)
     assert np.array_equal(xy1, frm_ref[f"c_tol{tol}_xy1"])
     assert np.array_equal(xy2, frm_ref[f"c_tol{tol}_xy2"])
 
@@ -138,24 +125,22 @@ def test_cuda_matches_cpu(frm_ref, b_desc, model_desc):
 # --------------------------------------------------------------------------------------
 # nearest neighbours: exactness and tie breaking
 # --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [None, 7, 64])
-def test_nearest_neighbours_first_max(backend, block_size):
+def test_nearest_neighbours_first_max(block_size):
     rng = np.random.default_rng(0)
     # small integer components: float32 dot products are exact and ties are frequent
     db = rng.integers(-1, 2, size=(300, 4)).astype(np.float32)
     q = rng.integers(-1, 2, size=(200, 4)).astype(np.float32)
     ref = np.argmax(q @ db.T, axis=1)  # numpy argmax returns the first maximum
-    got = nearest_neighbours(q, db, backend=backend, block_size=block_size)
+    got = nearest_neighbours(q, db, block_size=block_size)
     assert got.dtype == np.int64
     assert np.array_equal(got, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nearest_neighbours_tie_across_tiles(backend):
+def test_nearest_neighbours_tie_across_tiles():
     db = np.zeros((100, 3), dtype=np.float32)
     db[[10, 50, 90]] = [1, 0, 0]
-    got = nearest_neighbours(np.array([[1, 0, 0]], np.float32), db, backend=backend, block_size=16)
+    got = nearest_neighbours(np.array([[1, 0, 0]], np.float32), db, block_size=16)
     assert got.tolist() == [10]
 
 
@@ -233,35 +218,27 @@ def test_all_ties_deterministic():
     d1 = np.ones((16, 20, 8), np.float32)
     d2 = np.ones((12, 9, 8), np.float32)
     for s in (1, 3, 8):
-        xy1, xy2, basin = fast_reciprocal_nns(d1, d2, subsample=s, ret_basin=True)
+        xy1, xy2 = fast_reciprocal_nns(d1, d2, subsample=s)
         assert xy1.tolist() == [[0, 0]] and xy2.tolist() == [[0, 0]]
-        gx, gy = grid_seeds(16, 20, s)
-        expect = np.full(16 * 20 + 1, -1, np.int32)
-        expect[gx + 20 * gy] = 0
-        expect[0] = 0
-        assert np.array_equal(basin, expect)
-        xy1b, xy2b = fast_reciprocal_nns(d1, d2, subsample=s)
-        assert np.array_equal(xy1, xy1b) and np.array_equal(xy2, xy2b)
     # zero descriptors are all ties too; with a tolerance, seeds near (0,0) keep their position
     z1, z2 = np.zeros_like(d1), np.zeros_like(d2)
     xy1, xy2 = fast_reciprocal_nns(z1, z2, seeds=([0, 1, 2, 5], [0, 1, 2, 5]), pixel_tol=3)
     assert xy1.tolist() == [[0, 0], [1, 1], [2, 2]] and xy2.tolist() == [[0, 0]] * 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_backends_identical(backend):
+def test_tilings_identical():
     rng = np.random.default_rng(7)
     # quantised descriptors: many exact ties, exact dot products
     d1 = rng.integers(-2, 3, size=(40, 56, 6)).astype(np.float32)
     d2 = rng.integers(-2, 3, size=(56, 40, 6)).astype(np.float32)
-    ref = fast_reciprocal_nns(d1, d2, subsample=4, ret_basin=True, backend="torch", block_size=500)
-    got = fast_reciprocal_nns(d1, d2, subsample=4, ret_basin=True, backend=backend)
+    ref = fast_reciprocal_nns(d1, d2, subsample=4, block_size=500)
+    got = fast_reciprocal_nns(d1, d2, subsample=4)
     assert all(np.array_equal(a, b) for a, b in zip(ref, got))
     sx, sy = rng.integers(0, 56, 100), rng.integers(0, 40, 100)
-    ref = fast_reciprocal_nns(d1, d2, seeds=(sx, sy), pixel_tol=4, backend="torch", block_size=500)
-    got = fast_reciprocal_nns(d1, d2, seeds=(sx, sy), pixel_tol=4, backend=backend)
+    ref = fast_reciprocal_nns(d1, d2, seeds=(sx, sy), pixel_tol=4, block_size=500)
+    got = fast_reciprocal_nns(d1, d2, seeds=(sx, sy), pixel_tol=4)
     assert all(np.array_equal(a, b) for a, b in zip(ref, got))
-    # and the auto choice
+    # and torch inputs
     got = fast_reciprocal_nns(torch.from_numpy(d1), torch.from_numpy(d2), seeds=(sx, sy), pixel_tol=4)
     assert all(np.array_equal(a, b) for a, b in zip(ref, got))
 
@@ -269,29 +246,15 @@ def test_backends_identical(backend):
 def test_empty_results():
     rng = np.random.default_rng(0)
     d1, d2 = random_unit(3, 3, 4, rng), random_unit(6, 6, 4, rng)
-    xy1, xy2, basin = fast_reciprocal_nns(d1, d2, subsample=8, ret_basin=True)  # no seed fits
+    xy1, xy2 = fast_reciprocal_nns(d1, d2, subsample=8)  # no seed fits
     for xy in (xy1, xy2):
         assert xy.shape == (0, 2) and xy.dtype == np.int64
-    assert basin.shape == (10,) and basin.dtype == np.int32 and np.all(basin == -1)
     xy1, xy2 = fast_reciprocal_nns(d1, d2, seeds=(np.zeros(0, int), np.zeros(0, int)), pixel_tol=2)
     assert xy1.shape == (0, 2) and xy2.shape == (0, 2) and xy1.dtype == np.int64
     xy1, xy2 = fast_reciprocal_nns(np.zeros((0, 5, 4), np.float32), d2)
     assert xy1.shape == (0, 2) and xy2.shape == (0, 2)
     xy1, xy2 = mutual_nearest_neighbours(np.zeros((0, 5, 4), np.float32), d2)
     assert xy1.shape == (0, 2) and xy1.dtype == np.int64
-
-
-def test_basin_shape_dtype():
-    rng = np.random.default_rng(1)
-    d1, d2 = random_unit(20, 28, 5, rng), random_unit(28, 20, 5, rng)
-    xy1, xy2, basin = fast_reciprocal_nns(d1, d2, subsample=4, ret_basin=True)
-    assert basin.shape == (20 * 28 + 1,) and basin.dtype == np.int32
-    assert basin[-1] == -1 and basin.min() >= -1 and basin.max() < 20 * 28
-    written = np.flatnonzero(basin >= 0)
-    gx, gy = grid_seeds(20, 28, 4)
-    assert set((gx + 28 * gy).tolist()) <= set(written.tolist())  # every seed took a step
-    plain = fast_reciprocal_nns(d1, d2, subsample=4)
-    assert np.array_equal(plain[0], xy1) and np.array_equal(plain[1], xy2)  # same converged set
 
 
 def test_merge_corres_first_occurrence():
@@ -323,8 +286,6 @@ def test_bad_arguments_raise():
     d = np.ones((8, 8, 4), np.float32)
     with pytest.raises(ValueError, match="outside"):
         fast_reciprocal_nns(d, d, seeds=([8], [0]))
-    with pytest.raises(ValueError, match="backend"):
-        fast_reciprocal_nns(d, d, backend="kdtree")
     with pytest.raises(ValueError):
         fast_reciprocal_nns(d, d, pixel_tol=-1)
     with pytest.raises(TypeError):

@@ -1,4 +1,4 @@
-"""Tests for mast3r_colmap.pairs: pair strategies, hloc pairs files, retrieval and the MASt3R-SfM graph."""
+"""Tests for mast3r_colmap.pairs: pair strategies, hloc pairs files, top-k retrieval and the MASt3R-SfM graph."""
 
 from __future__ import annotations
 
@@ -6,28 +6,20 @@ import itertools
 
 import numpy as np
 import pytest
-import torch
 
 from mast3r_colmap import pairs as P
 from mast3r_colmap.pairs import (
     exhaustive,
     farthest_point_sampling,
-    global_descriptor_from_tokens,
     mast3r_sfm_graph,
+    pairs_from_descriptors,
     pairs_from_spec,
     read_pairs,
-    retrieval,
     retrieval_graph,
     sequential,
     topk_neighbors,
     write_pairs,
 )
-
-try:
-    import faiss  # noqa: F401
-    HAVE_FAISS = True
-except ImportError:  # pragma: no cover
-    HAVE_FAISS = False
 
 NAMES5 = ["a", "b", "c", "d", "e"]
 
@@ -180,9 +172,9 @@ def test_retrieval_exact_small():
     ang = np.deg2rad([0, 10, 25, 90, 100])
     desc = np.stack([np.cos(ang), np.sin(ang)], 1)
     # top-1: a->b, b->a, c->b, d->e, e->d
-    assert retrieval(NAMES5, desc, k=1) == [("a", "b"), ("b", "c"), ("d", "e")]
+    assert pairs_from_descriptors(NAMES5, desc, k=1) == [("a", "b"), ("b", "c"), ("d", "e")]
     # scale does not matter (cosine)
-    assert retrieval(NAMES5, desc * np.array([[1], [5], [0.1], [3], [2]]), k=1) == \
+    assert pairs_from_descriptors(NAMES5, desc * np.array([[1], [5], [0.1], [3], [2]]), k=1) == \
         [("a", "b"), ("b", "c"), ("d", "e")]
 
 
@@ -193,7 +185,7 @@ def test_retrieval_neighbours_stay_in_cluster():
     assert (labels[nn] == labels[:, None]).all()
     assert (nn != np.arange(32)[:, None]).all()
     names = names_n(32)
-    pairs = retrieval(names, desc, k=5)
+    pairs = pairs_from_descriptors(names, desc, k=5)
     assert_canonical(pairs, names)
     index = {n: i for i, n in enumerate(names)}
     assert all(labels[index[a]] == labels[index[b]] for a, b in pairs)
@@ -203,19 +195,19 @@ def test_retrieval_neighbours_stay_in_cluster():
 def test_retrieval_ties_to_lower_index_and_clipping():
     desc = np.ones((4, 3))
     desc[3] = [1, 0, 0]
-    nn = topk_neighbors(desc, k=2, use_faiss=False)
+    nn = topk_neighbors(desc, k=2)
     assert nn.tolist() == [[1, 2], [0, 2], [0, 1], [0, 1]]
     # k >= N: clipped to N - 1, which gives every pair
     names = ["a", "b", "c", "d"]
-    assert retrieval(names, desc, k=10) == exhaustive(names)
+    assert pairs_from_descriptors(names, desc, k=10) == exhaustive(names)
     assert topk_neighbors(desc, k=10).shape == (4, 3)
-    assert retrieval(["a"], desc[:1], k=3) == []
-    assert retrieval([], np.zeros((0, 3)), k=3) == []
+    assert pairs_from_descriptors(["a"], desc[:1], k=3) == []
+    assert pairs_from_descriptors([], np.zeros((0, 3)), k=3) == []
 
 
-@pytest.mark.skipif(not HAVE_FAISS, reason="faiss not installed")
 @pytest.mark.parametrize("case", ["gaussian", "ties", "clusters"])
-def test_faiss_and_numpy_identical(case):
+def test_topk_equals_brute_force(case):
+    """The float32 candidate search never drops one of the exact (float64) top-k, ties to the lower index."""
     rng = np.random.default_rng(1)
     if case == "gaussian":
         desc = rng.normal(size=(400, 96)).astype(np.float32)
@@ -224,65 +216,29 @@ def test_faiss_and_numpy_identical(case):
         desc[:, 0] += 1
     else:
         desc, _ = clustered_descriptors(n_clusters=10, per_cluster=30, dim=128, noise=0.3, seed=2)
+    x = desc.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
     for k in (1, 5, 20):
-        a = topk_neighbors(desc, k, use_faiss=True)
-        b = topk_neighbors(desc, k, use_faiss=False)
-        np.testing.assert_array_equal(a, b)
-    names = names_n(len(desc))
-    assert retrieval(names, desc, 7, use_faiss=True) == retrieval(names, desc, 7, use_faiss=False)
+        ref = []
+        for i in range(n):
+            others = np.delete(np.arange(n), i)
+            score = (x[others] * x[i]).sum(axis=1)  # the same per-pair float64 sums as the ranking
+            ref.append(others[np.lexsort((others, -score))[:k]])
+        np.testing.assert_array_equal(topk_neighbors(desc, k), np.stack(ref))
 
 
 def test_retrieval_errors():
     with pytest.raises(ValueError, match="k must be"):
-        retrieval(NAMES5, np.ones((5, 4)), k=0)
+        pairs_from_descriptors(NAMES5, np.ones((5, 4)), k=0)
     with pytest.raises(ValueError, match="4 global descriptors for 5 images"):
-        retrieval(NAMES5, np.ones((4, 4)), k=2)
+        pairs_from_descriptors(NAMES5, np.ones((4, 4)), k=2)
     with pytest.raises(ValueError, match=r"\(N, D\)"):
-        retrieval(NAMES5, np.ones(5), k=2)
+        pairs_from_descriptors(NAMES5, np.ones(5), k=2)
     bad = np.ones((5, 4))
     bad[2, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        retrieval(NAMES5, bad, k=2)
-
-
-# ----------------------------------------------------------------------------------------- global descriptor
-
-def test_global_descriptor_hand_checked():
-    tok = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.0, -2.0]])
-    g = global_descriptor_from_tokens(tok)
-    eps3 = 1e-18
-    ref = np.array([((1 + 27) / 2) ** (1 / 3), ((8 + eps3) / 2) ** (1 / 3), eps3 ** (1 / 3)])
-    ref /= np.linalg.norm(ref)
-    assert g.shape == (3,) and g.dtype == torch.float32
-    np.testing.assert_allclose(g.numpy(), ref, rtol=1e-6, atol=1e-9)
-    # p = 1: mean of the ReLU'd tokens
-    g1 = global_descriptor_from_tokens(tok, p=1.0)
-    ref1 = np.array([2.0, 1.0, 1e-6])
-    np.testing.assert_allclose(g1.numpy(), ref1 / np.linalg.norm(ref1), rtol=1e-6)
-
-
-def test_global_descriptor_batch_norm_determinism():
-    gen = torch.Generator().manual_seed(0)
-    tok = torch.randn(3, 192, 64, generator=gen)
-    g = global_descriptor_from_tokens(tok)
-    assert g.shape == (3, 64)
-    assert torch.allclose(g.norm(dim=-1), torch.ones(3), atol=1e-6)
-    for b in range(3):
-        assert torch.equal(global_descriptor_from_tokens(tok[b]), g[b])
-    assert torch.equal(global_descriptor_from_tokens(tok), g)
-    # independent of token order
-    perm = torch.randperm(192, generator=gen)
-    assert torch.allclose(global_descriptor_from_tokens(tok[:, perm]), g, rtol=1e-6, atol=1e-7)
-    assert global_descriptor_from_tokens(tok.double()).dtype == torch.float64
-
-
-def test_global_descriptor_errors():
-    with pytest.raises(ValueError, match="shape"):
-        global_descriptor_from_tokens(torch.zeros(5))
-    with pytest.raises(ValueError, match="non-empty"):
-        global_descriptor_from_tokens(torch.zeros(2, 0, 4))
-    with pytest.raises(ValueError, match="p must be"):
-        global_descriptor_from_tokens(torch.zeros(2, 4), p=0)
+        pairs_from_descriptors(NAMES5, bad, k=2)
 
 
 # ----------------------------------------------------------------------------------------- MASt3R-SfM graph
@@ -389,7 +345,7 @@ def test_spec_retrieval_calls_descriptors_fn():
         calls.append(list(ns))
         return desc
 
-    assert pairs_from_spec("retrieval:3", names, fn) == retrieval(names, desc, 3)
+    assert pairs_from_spec("retrieval:3", names, fn) == pairs_from_descriptors(names, desc, 3)
     assert pairs_from_spec("retrieval:4,3", names, fn, seed=2) == retrieval_graph(names, desc, 4, 3, seed=2)
     assert calls == [names, names]
     assert pairs_from_spec("retrieval:3", ["only.jpg"], fn) == []

@@ -16,6 +16,8 @@ from mast3r_colmap import retrieval as R
 from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.model.mast3r import Encoding
 from mast3r_colmap.pairs import exhaustive, mast3r_sfm_graph, pairs_from_similarity, pairs_from_spec
+from mast3r_colmap.retrieval.scoring import _nearest_words as nearest_words
+from mast3r_colmap.testing.asmk_reference import asmk_available, asmk_package_similarity
 from mast3r_colmap.testing.retrieval_weights import (
     learn_whitener,
     make_retrieval_args,
@@ -25,7 +27,7 @@ from mast3r_colmap.testing.retrieval_weights import (
     write_retrieval_checkpoint,
 )
 
-HAVE_ASMK = R.asmk_available()
+HAVE_ASMK = asmk_available()
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -246,7 +248,7 @@ def test_builtin_asmk_kernel_by_hand():
     cent = np.array([[0] * 8, [10] * 8], np.float32)
     a = np.array([[1, -1, 1, -1, 1, -1, 1, -1], [1, 1, 1, 1, -1, -1, -1, -1]], np.float32)
     b = np.array([[1, -1, 1, -1, 1, -1, -1, 1]], np.float32)          # word 0 only, 2 bits differ from a's sum
-    sim = R.asmk_similarity([a, b], cent, backend="builtin", multiple_assignment=1)
+    sim = R.asmk_similarity([a, b], cent, multiple_assignment=1)
     # a: word 0 residual sum = [2, 0, 2, 0, 0, -2, 0, -2] -> bits 10100000; b: 10101001 -> hamming 2/32
     # (asmk normalises by its packed length, 32 bits); single word each.
     s = (1 - 2 * 2 / 32) ** 3
@@ -258,8 +260,8 @@ def test_builtin_matches_asmk_package(tmp_path):
     tokens, _ = clustered_tokens(n_scenes=3, views=4, dim=32, seed=2)
     retriever = build_retriever(tmp_path, tokens, 32, k=24, nfeat=60)
     feats = [retriever.model.local_features(torch.from_numpy(t))[0].numpy() for t in tokens]
-    ref = R.asmk_similarity(feats, retriever.centroids, backend="asmk", codebook_params=24)
-    out = R.asmk_similarity(feats, retriever.centroids, backend="builtin")
+    ref = asmk_package_similarity(feats, retriever.centroids, codebook_size=24)
+    out = R.asmk_similarity(feats, retriever.centroids)
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-9)
 
 
@@ -267,8 +269,23 @@ def test_asmk_bad_input():
     cent = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="image 1"):
         R.asmk_similarity([np.ones((3, 8)), np.ones((3, 7))], cent)
-    with pytest.raises(ValueError, match="backend"):
-        R.asmk_similarity([np.ones((3, 8))], cent, backend="magic")
+
+
+@pytest.mark.parametrize("tile_elems", [2 ** 25, 1000])
+def test_word_assignment_matches_faiss(tile_elems):
+    """The torch nearest-word search gives faiss IndexFlatL2's words (which it replaced), in its order."""
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(5)
+    cent = rng.standard_normal((300, 48)).astype(np.float32)
+    x = np.concatenate([rng.standard_normal((500, 48)), cent[:40] + 0.05 * rng.standard_normal((40, 48))])
+    x = x.astype(np.float32)
+    index = faiss.IndexFlatL2(48)
+    index.add(cent)
+    ref = index.search(x, 5)[1]
+    got = nearest_words(x, cent, 5, torch.device("cpu"), tile_elems=tile_elems)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got[500:, 0], np.arange(40))
 
 
 def test_pairs_from_similarity_topk():

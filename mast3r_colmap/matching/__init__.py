@@ -1,13 +1,12 @@
 """Dense matching: fast reciprocal matching, correspondence extraction, coarse-to-fine, the matcher."""
 
 from .coarse_to_fine import select_crop_pairs
-from .extract import (Matches, border_mask, extract_correspondences_nonsym, extract_correspondences_symmetric,
-                      filter_border, filter_confidence)
+from .extract import Matches, border_mask, extract_correspondences_nonsym, extract_correspondences_symmetric
 from .frm import fast_reciprocal_nns, mutual_nearest_neighbours, nearest_neighbours
 from .matcher import Matcher, MatcherConfig, confs, get_config, match_pair
 
 __all__ = [
     "Matcher", "MatcherConfig", "Matches", "border_mask", "confs", "extract_correspondences_nonsym",
-    "extract_correspondences_symmetric", "fast_reciprocal_nns", "filter_border", "filter_confidence",
-    "get_config", "match_pair", "mutual_nearest_neighbours", "nearest_neighbours", "select_crop_pairs",
+    "extract_correspondences_symmetric", "fast_reciprocal_nns", "get_config", "match_pair",
+    "mutual_nearest_neighbours", "nearest_neighbours", "select_crop_pairs",
 ]

@@ -40,8 +40,6 @@ __all__ = [
     "greedy_selection",
     "candidate_crop_pairs",
     "select_crop_pairs",
-    "crop_to_full",
-    "full_to_crop",
 ]
 
 #: Landscape training resolutions of the 512 models, as (aspect W/H, (H, W)).
@@ -341,16 +339,3 @@ def select_crop_pairs(
         for i in order
     ]
 
-
-def crop_to_full(xy: np.ndarray, window: Sequence[int]) -> np.ndarray:
-    """Map (x, y) pixel coords of a crop to the full image: add (l, t) of ``window``.
-
-    Crops are plain integer-offset sub-arrays, so this is a pure translation
-    (no +0.5 convention involved).  Integer input gives int64, float input float64.
-    """
-    return np.asarray(xy) + np.array([int(window[0]), int(window[1])], dtype=np.int64)
-
-
-def full_to_crop(xy: np.ndarray, window: Sequence[int]) -> np.ndarray:
-    """Inverse of :func:`crop_to_full`: subtract (l, t) of ``window``."""
-    return np.asarray(xy) - np.array([int(window[0]), int(window[1])], dtype=np.int64)

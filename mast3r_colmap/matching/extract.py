@@ -4,7 +4,7 @@
   ways, ``conf = min(conf1, conf2)``.
 - :func:`extract_correspondences_symmetric`: MASt3R-SfM mode, both inference passes, FRM
   both ways on each, ``conf = sqrt(q_img1 * q_img2)`` of the pass where a pair first occurs.
-- :class:`Matches` and the border / confidence filters applied by callers.
+- :class:`Matches` and :func:`border_mask`, the border filter applied by callers.
 
 Coordinates are integer ``(x, y)`` pixels of the network-resolution images, int64.
 """
@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
-from .frm import Backend, _check_pair, _flat_to_xy, _frm_flat, _memo_pair, merge_corres
+from .frm import _check_pair, _flat_to_xy, _frm_flat, _memo_pair, merge_corres
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ __all__ = [
     "extract_correspondences_nonsym",
     "extract_correspondences_symmetric",
     "border_mask",
-    "filter_border",
-    "filter_confidence",
 ]
 
 
@@ -51,14 +49,6 @@ class Matches(NamedTuple):
     def select(self, mask: np.ndarray) -> "Matches":
         """Subset by boolean mask or index array."""
         return Matches(self.xy1[mask], self.xy2[mask], self.conf[mask])
-
-    def filter_border(self, shape1: Sequence[int], shape2: Sequence[int], border: int = 3) -> "Matches":
-        """Drop matches within ``border`` px of the image border in either image."""
-        return self.select(border_mask(self.xy1, self.xy2, shape1, shape2, border))
-
-    def filter_confidence(self, threshold: float) -> "Matches":
-        """Keep matches with ``conf >= threshold``."""
-        return self.select(self.conf >= threshold)
 
 
 def _as_numpy_map(x: ArrayLike, name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -84,27 +74,6 @@ def border_mask(
     return inside(xy1, shape1) & inside(xy2, shape2)
 
 
-def filter_border(
-    xy1: np.ndarray,
-    xy2: np.ndarray,
-    shape1: Sequence[int],
-    shape2: Sequence[int],
-    border: int = 3,
-    conf: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Apply :func:`border_mask`; returns ``(xy1, xy2, conf)`` (conf None if not given)."""
-    m = border_mask(xy1, xy2, shape1, shape2, border)
-    return np.asarray(xy1)[m], np.asarray(xy2)[m], (None if conf is None else np.asarray(conf)[m])
-
-
-def filter_confidence(
-    xy1: np.ndarray, xy2: np.ndarray, conf: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep matches with ``conf >= threshold`` (the COLMAP-export rule, default thr 1.001)."""
-    m = np.asarray(conf) >= threshold
-    return np.asarray(xy1)[m], np.asarray(xy2)[m], np.asarray(conf)[m]
-
-
 def extract_correspondences_nonsym(
     desc1: ArrayLike,
     desc2: ArrayLike,
@@ -112,7 +81,6 @@ def extract_correspondences_nonsym(
     conf2: ArrayLike,
     subsample: int = 8,
     pixel_tol: float = 0,
-    backend: Backend = "auto",
     block_size: int | None = None,
 ) -> Matches:
     """COLMAP-export correspondences (spec §5.2).
@@ -127,9 +95,9 @@ def extract_correspondences_nonsym(
     h2, w2 = d2.shape[:2]
     c1 = _as_numpy_map(conf1, "conf1", (h1, w1))
     c2 = _as_numpy_map(conf2, "conf2", (h2, w2))
-    nns = _memo_pair(d1, d2, backend, block_size)  # both directions share the NN caches
-    f1, f2, _ = _frm_flat(d1, d2, subsample, None, pixel_tol, False, nns=nns)
-    b2, b1, _ = _frm_flat(d2, d1, subsample, None, pixel_tol, False, nns=nns[::-1])
+    nns = _memo_pair(d1, d2, block_size)  # both directions share the NN caches
+    f1, f2 = _frm_flat(d1, d2, subsample, None, pixel_tol, nns=nns)
+    b2, b1 = _frm_flat(d2, d1, subsample, None, pixel_tol, nns=nns[::-1])
     idx1, idx2, _ = merge_corres(np.concatenate([f1, b1]), np.concatenate([f2, b2]))
     conf = np.minimum(c1[idx1], c2[idx2]).astype(np.float32)
     logger.debug("nonsym: %d fwd + %d bwd -> %d unique", f1.size, b1.size, idx1.size)
@@ -140,7 +108,6 @@ def extract_correspondences_symmetric(
     descs: Sequence[ArrayLike],
     confs: Sequence[ArrayLike],
     subsample: int = 8,
-    backend: Backend = "auto",
     block_size: int | None = None,
 ) -> Matches:
     """MASt3R-SfM correspondences (spec §5.3) from both symmetric-inference passes.
@@ -172,9 +139,9 @@ def extract_correspondences_symmetric(
 
     parts1, parts2, passes = [], [], []
     for p, (a, b) in enumerate([(d11, d21), (d12, d22)]):
-        nns = _memo_pair(a, b, backend, block_size)
-        f1, f2, _ = _frm_flat(a, b, subsample, None, 0, False, nns=nns)
-        b2, b1, _ = _frm_flat(b, a, subsample, None, 0, False, nns=nns[::-1])
+        nns = _memo_pair(a, b, block_size)
+        f1, f2 = _frm_flat(a, b, subsample, None, 0, nns=nns)
+        b2, b1 = _frm_flat(b, a, subsample, None, 0, nns=nns[::-1])
         parts1 += [f1, b1]
         parts2 += [f2, b2]
         passes.append(np.full(f1.size + b1.size, p, dtype=np.int8))

@@ -7,13 +7,18 @@ for at most 10 iterations.
 
 Nearest neighbour = argmax of the float32 dot product; exact ties go to the smallest
 database flat index. Coordinates are integer ``(x, y)`` pixels, flat index ``y * W + x``.
+
+The search is a blocked exact torch search (:class:`_TorchSearch`), on the device of the
+descriptors. It beats faiss ``IndexFlatIP`` for these searches (few queries, low dimension) on
+CPU and on CUDA (measured with ``benchmarks/bench_matching.py`` when both existed), so faiss is
+not used.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator, Literal, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,7 +26,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
-Backend = Literal["auto", "torch", "faiss"]
 
 __all__ = [
     "fast_reciprocal_nns",
@@ -29,7 +33,6 @@ __all__ = [
     "nearest_neighbours",
     "merge_corres",
     "grid_seeds",
-    "available_backends",
 ]
 
 MAX_ITER = 10
@@ -74,30 +77,6 @@ def _check_pair(desc1: ArrayLike, desc2: ArrayLike) -> tuple[torch.Tensor, torch
             f"desc2 has D={d2.shape[-1]} (shape {tuple(d2.shape)})"
         )
     return d1, d2
-
-
-def available_backends() -> list[str]:
-    """Names of the nearest-neighbour backends usable in this environment."""
-    out = ["torch"]
-    try:
-        import faiss  # noqa: F401
-    except ImportError:  # pragma: no cover - faiss is a dependency
-        pass
-    else:
-        out.append("faiss")
-    return out
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "torch", "faiss"):
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'faiss'")
-    if backend == "faiss" and "faiss" not in available_backends():
-        raise ImportError("backend='faiss' requested but faiss is not installed")
-    if backend == "auto":
-        # Measured (benchmarks/bench_matching.py): the blocked torch search beats faiss
-        # IndexFlatIP for these (few queries, low dim) searches, on CPU and on CUDA.
-        return "torch"
-    return backend
 
 
 @contextlib.contextmanager
@@ -201,47 +180,6 @@ class _TorchSearch:
         return result
 
 
-class _FaissSearch:
-    """faiss ``IndexFlatIP`` search, with exact ties resolved to the smallest index.
-
-    A k=2 search detects ties (top-2 scores equal); tied queries are re-solved by the exact
-    torch search, which returns the first maximum.
-    """
-
-    def __init__(self, db: torch.Tensor, block_size: int | None = None) -> None:
-        import faiss
-
-        self.device = db.device
-        db_np = np.ascontiguousarray(db.detach().cpu().numpy(), dtype=np.float32)
-        self.index = faiss.IndexFlatIP(db_np.shape[1])
-        self.index.add(db_np)
-        self.n = db_np.shape[0]
-        self._exact = _TorchSearch(db.detach().cpu(), block_size)
-
-    def search(self, q: torch.Tensor) -> torch.Tensor:
-        m = q.shape[0]
-        if m == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
-        q_np = np.ascontiguousarray(q.detach().cpu().numpy(), dtype=np.float32)
-        k = 2 if self.n >= 2 else 1
-        dist, idx = self.index.search(q_np, k)
-        idx = idx[:, 0].astype(np.int64)
-        if k == 2:
-            tied = np.flatnonzero(dist[:, 0] <= dist[:, 1])
-            if len(tied):
-                idx[tied] = self._exact.search(torch.from_numpy(q_np[tied])).numpy()
-        bad = np.flatnonzero(idx < 0)  # NaN scores: fall back to torch semantics
-        if len(bad):
-            idx[bad] = self._exact.search(torch.from_numpy(q_np[bad])).numpy()
-        return torch.from_numpy(idx).to(self.device)
-
-
-def _make_search(db: torch.Tensor, backend: str, block_size: int | None):
-    if backend == "faiss":
-        return _FaissSearch(db, block_size)
-    return _TorchSearch(db, block_size)
-
-
 class _MemoNN:
     """Nearest neighbour in ``db`` of rows of ``src`` given by flat index, memoised."""
 
@@ -264,22 +202,20 @@ class _MemoNN:
 
 
 def _memo_pair(
-    desc1: torch.Tensor, desc2: torch.Tensor, backend: Backend = "auto", block_size: int | None = None
+    desc1: torch.Tensor, desc2: torch.Tensor, block_size: int | None = None
 ) -> tuple[_MemoNN, _MemoNN]:
     """Memoised (NN in 2 of image-1 pixels, NN in 1 of image-2 pixels) for (H, W, D) maps.
 
     The reverse direction is ``tuple(reversed(...))``: FRM 1->2 and 2->1 share both caches.
     """
-    be = _resolve_backend(backend, desc1.device)
     pts1 = desc1.reshape(-1, desc1.shape[-1])
     pts2 = desc2.reshape(-1, desc2.shape[-1])
-    return _MemoNN(pts1, _make_search(pts2, be, block_size)), _MemoNN(pts2, _make_search(pts1, be, block_size))
+    return _MemoNN(pts1, _TorchSearch(pts2, block_size)), _MemoNN(pts2, _TorchSearch(pts1, block_size))
 
 
 def nearest_neighbours(
     queries: ArrayLike,
     database: ArrayLike,
-    backend: Backend = "auto",
     block_size: int | None = None,
 ) -> np.ndarray:
     """Exact dot-product nearest neighbour of each query row: (M,) int64 indices into ``database``.
@@ -293,8 +229,7 @@ def nearest_neighbours(
         raise ValueError(f"expected (M, D) queries and (N, D) database, got {tuple(q.shape)} and {tuple(db.shape)}")
     if db.shape[0] == 0:
         raise ValueError("empty database")
-    search = _make_search(db, _resolve_backend(backend, db.device), block_size)
-    return search.search(q).cpu().numpy()
+    return _TorchSearch(db, block_size).search(q).cpu().numpy()
 
 
 # --------------------------------------------------------------------------------------
@@ -350,12 +285,10 @@ def _frm_flat(
     subsample: int = 8,
     seeds: Sequence[ArrayLike] | None = None,
     pixel_tol: float = 0,
-    ret_basin: bool = False,
-    backend: Backend = "auto",
     block_size: int | None = None,
     nns: tuple[_MemoNN, _MemoNN] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """FRM on validated (H, W, D) tensors; returns merged flat (idx1, idx2) and the basin.
+) -> tuple[np.ndarray, np.ndarray]:
+    """FRM on validated (H, W, D) tensors; returns merged flat (idx1, idx2).
 
     ``nns`` = (NN in 2 of image-1 pixels, NN in 1 of image-2 pixels), e.g. from
     :func:`_memo_pair`, lets several calls on the same maps share their memoised searches.
@@ -370,13 +303,12 @@ def _frm_flat(
             seeds = grid_seeds(h1, w1, subsample)
         xy1 = _seeds_to_flat(seeds, h1, w1)
         max_iter = 1
-    basin = np.full(h1 * w1 + 1, -1, dtype=np.int32) if ret_basin else None
     empty = np.empty(0, dtype=np.int64)
     if xy1.size == 0 or h2 * w2 == 0:
-        return empty, empty, basin
+        return empty, empty
 
     if nns is None:
-        nns = _memo_pair(desc1, desc2, backend, block_size)
+        nns = _memo_pair(desc1, desc2, block_size)
     nn_in_2, nn_in_1 = nns
 
     xy2 = np.full_like(xy1, -1)
@@ -386,11 +318,8 @@ def _frm_flat(
     niter = 0
     while notyet.any():
         xy2[notyet] = nn_in_2(xy1[notyet])
-        if not ret_basin:
-            notyet &= xy2 != old_xy2  # partner in image 2 unchanged: converged
+        notyet &= xy2 != old_xy2  # partner in image 2 unchanged: converged
         xy1[notyet] = nn_in_1(xy2[notyet])
-        if basin is not None:
-            basin[old_xy1[notyet]] = xy1[notyet]
         notyet &= xy1 != old_xy1  # back to the same pixel: reciprocal
         niter += 1
         if niter >= max_iter:
@@ -411,7 +340,7 @@ def _frm_flat(
         h1, w1, h2, w2, xy1.size, niter, int(converged.sum()), nn_in_2.n_queries, nn_in_1.n_queries,
     )
     i1, i2, _ = merge_corres(xy1[converged], xy2[converged])
-    return i1, i2, basin
+    return i1, i2
 
 
 def fast_reciprocal_nns(
@@ -420,10 +349,8 @@ def fast_reciprocal_nns(
     subsample: int = 8,
     seeds: Sequence[ArrayLike] | None = None,
     pixel_tol: float = 0,
-    ret_basin: bool = False,
-    backend: Backend = "auto",
     block_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Fast reciprocal nearest neighbours between dense (H1, W1, D) and (H2, W2, D) maps.
 
     Args:
@@ -437,29 +364,22 @@ def fast_reciprocal_nns(
             ``pixel_tol`` px (Euclidean) to it; the returned xy1 are the seeds themselves.
             If 0, a walk that returns to its pixel (or whose partner stops changing) is
             kept; with the S-grid up to 10 iterations are made and unconverged walks dropped.
-        ret_basin: also return the (H1*W1 + 1,) int32 basin map (-1 where never written).
-        backend: "torch", "faiss" or "auto".
         block_size: database rows per score tile (default: chosen per device).
 
     Returns:
         ``(xy1, xy2)`` (N, 2) int64 ``(x, y)`` arrays, unique pairs sorted by (flat index 1,
-        flat index 2); plus ``basin`` when ``ret_basin``.
+        flat index 2).
     """
     d1, d2 = _check_pair(desc1, desc2)
     if pixel_tol < 0:
         raise ValueError(f"pixel_tol must be >= 0, got {pixel_tol}")
-    i1, i2, basin = _frm_flat(d1, d2, subsample, seeds, pixel_tol, ret_basin, backend, block_size)
-    xy1 = _flat_to_xy(i1, d1.shape[1])
-    xy2 = _flat_to_xy(i2, d2.shape[1])
-    if ret_basin:
-        return xy1, xy2, basin
-    return xy1, xy2
+    i1, i2 = _frm_flat(d1, d2, subsample, seeds, pixel_tol, block_size)
+    return _flat_to_xy(i1, d1.shape[1]), _flat_to_xy(i2, d2.shape[1])
 
 
 def mutual_nearest_neighbours(
     desc1: ArrayLike,
     desc2: ArrayLike,
-    backend: Backend = "auto",
     block_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force dense mutual nearest neighbours (reference / baseline).
@@ -473,10 +393,9 @@ def mutual_nearest_neighbours(
     empty = np.empty((0, 2), dtype=np.int64)
     if h1 * w1 == 0 or h2 * w2 == 0:
         return empty, empty.copy()
-    be = _resolve_backend(backend, d1.device)
     pts1 = d1.reshape(-1, d)
     pts2 = d2.reshape(-1, d)
-    nn12 = _make_search(pts2, be, block_size).search(pts1).cpu().numpy()
-    nn21 = _make_search(pts1, be, block_size).search(pts2).cpu().numpy()
+    nn12 = _TorchSearch(pts2, block_size).search(pts1).cpu().numpy()
+    nn21 = _TorchSearch(pts1, block_size).search(pts2).cpu().numpy()
     idx1 = np.flatnonzero(nn21[nn12] == np.arange(h1 * w1))
     return _flat_to_xy(idx1, w1), _flat_to_xy(nn12[idx1], w2)
