@@ -276,6 +276,9 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
     logger.info("%d images in %s", len(names), image_dir)
     check_image_names(names, export_h5=export_h5 is not None)
+    out = Path(output_dir) if output_dir else mapping.default_output_dir(database)
+    if config.mapper != "none":
+        mapping.check_output(out)  # a model we did not write is never replaced: refuse before matching
 
     store_path = Path(store_path) if store_path else default_store_path(database)
     if overwrite:
@@ -283,12 +286,12 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     settings = database_settings(matcher, config.keypoints)
     with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
         provenance.check(database, _image_hashes(store, names), settings)  # before anything is written
+    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
+                            similarity_fn=similarity_fn)  # a bad pairs file fails before the database is written
+    logger.info("%d pairs (%s)", len(pairs), config.pairs)
     with colmap_db.open_database(database) as db:
         ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
                                       config.intrinsics)
-    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
-                            similarity_fn=similarity_fn)
-    logger.info("%d pairs (%s)", len(pairs), config.pairs)
 
     keypoints, matches, verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
                                                        store_path, config.progress, image_dir=image_dir)
@@ -299,7 +302,6 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
 
     result: Dict[str, Any] = {"num_images": len(names), "num_pairs": len(pairs), "num_verified_pairs": n_verified}
     if config.mapper != "none":
-        out = Path(output_dir) if output_dir else mapping.default_output_dir(database)
         run = mapping.incremental if config.mapper == "incremental" else mapping.global_mapping
         rec = run(database, image_dir, out, options=config.mapper_options, seed=config.seed)
         if rec is None:  # the mapper logged why and marked the output folder (see mapping)

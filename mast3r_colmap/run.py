@@ -86,12 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
-    from .matching.matcher import Matcher, get_config
+    from .lock import database_lock
     from .mapping import check_output, default_output_dir
-    from .model.checkpoint import load_model, resolve_device
-    from .pipeline import reconstruct, usable_images
+    from .model.checkpoint import resolve_device
 
     if not args.images.is_dir():
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
@@ -104,12 +101,24 @@ def _run(args: argparse.Namespace) -> int:
     if args.mapper != "none":  # a model of someone else there is never overwritten: fail before matching
         check_output(args.output or default_output_dir(args.database))
     device = resolve_device(args.device)  # e.g. cuda without CUDA: fails before anything is loaded
+    with database_lock(args.database):  # a second run on this database stops here, before loading anything
+        return _run_locked(args, device)
+
+
+def _run_locked(args: argparse.Namespace, device) -> int:
+    import torch
+
+    from .matching.matcher import Matcher, get_config
+    from .model.checkpoint import load_model
+    from .pipeline import check_image_names, reconstruct, usable_images
+
     config = PipelineConfig(
         pairs=args.pairs, camera_mode=args.camera_mode, camera_model=args.camera_model,
         intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,
         keypoints=KeypointConfig(cell_size=args.cell_size, max_kps=args.max_kps or None),
         progress=not args.no_progress)
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
+    check_image_names(names, export_h5=args.export_h5 is not None)
     overrides = cli_overrides(args)
     if args.pairs.strip().lower().startswith("retrieval:") and args.cache_size is None:
         # retrieval encodes every image first: keep the encodings so matching does not re-encode them

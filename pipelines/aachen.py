@@ -125,7 +125,8 @@ def run(dataset: str | os.PathLike, outputs: str | os.PathLike, matcher: Any, *,
     query_matcher = query_matcher if query_matcher is not None else matcher
     conf = LocalizationConfig(ransac_thresh=ransac_thresh, covisibility_clustering=covisibility_clustering,
                               keypoints=KeypointConfig(cell_size=cell_size, max_kps=None))
-    with MatchStore(outputs / "query-matches.sqlite", config_key(query_matcher.settings())) as store:
+    with MatchStore(outputs / "query-matches.sqlite", config_key(query_matcher.settings()),
+                    image_dir=layout["images"]) as store:  # query matches reused only for unchanged files
         results = localize(queries, retrieval, model, ref_keypoints, query_matcher, image_dir=layout["images"],
                            conf=conf, store=store, progress=progress)
     path = write_results(outputs / RESULTS_NAME, results)
