@@ -283,9 +283,10 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     store_path = Path(store_path) if store_path else default_store_path(database)
     if overwrite:
         remove_run_files(database, store_path)
-    settings = database_settings(matcher, config.keypoints)
-    with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
-        provenance.check(database, _image_hashes(store, names), settings)  # before anything is written
+    if database.exists():  # an existing database must hold these pictures and settings: check before writing
+        settings = database_settings(matcher, config.keypoints)
+        with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
+            provenance.check(database, _image_hashes(store, names), settings)
     pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
                             similarity_fn=similarity_fn)  # a bad pairs file fails before the database is written
     logger.info("%d pairs (%s)", len(pairs), config.pairs)

@@ -19,8 +19,8 @@ from .keypoints import KeypointConfig
 from .matching.matcher import add_cli_arguments, cli_overrides
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
-from .utils import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_NO_MODEL, check_writable,  # noqa: F401 (re-exported)
-                    run_cli, setup_logging)
+from .utils import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_NO_MODEL,  # noqa: F401 (exit codes re-exported)
+                    check_writable, missing_folders, remove_empty, run_cli, setup_logging)
 
 logger = logging.getLogger("mast3r_colmap")
 _RETRIEVAL_CACHE = 1024  # encodings kept when retrieval pairs are used (see main)
@@ -94,15 +94,24 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
     if args.database.is_dir():
         raise ValueError(f"database path {str(args.database)!r} is a folder, expected a file")
-    check_writable(args.database.parent, "folder of the database")
-    for path, what in ((args.output, "output folder"), (args.export_h5, "hloc export folder")):
+    for path, what in ((args.database.parent, "folder of the database"), (args.output, "output folder"),
+                       (args.export_h5, "hloc export folder")):
         if path is not None:
-            check_writable(path, what)
+            check_writable(path, what, create=False)  # created when written: a failed run leaves nothing
     if args.mapper != "none":  # a model of someone else there is never overwritten: fail before matching
         check_output(args.output or default_output_dir(args.database))
     device = resolve_device(args.device)  # e.g. cuda without CUDA: fails before anything is loaded
-    with database_lock(args.database):  # a second run on this database stops here, before loading anything
-        return _run_locked(args, device)
+    created = missing_folders(args.database.parent)
+    args.database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with database_lock(args.database):  # a second run on this database stops here, before loading anything
+            code = _run_locked(args, device)
+    except BaseException:
+        remove_empty(created)
+        raise
+    if code == EXIT_BAD_INPUT:
+        remove_empty(created)
+    return code
 
 
 def _run_locked(args: argparse.Namespace, device) -> int:

@@ -37,18 +37,39 @@ def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
                 yield f"{path}:{lineno}", line.split()
 
 
-def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
-    """Create ``folder`` if needed and prove that a file can be written there (root ignores file modes).
+def check_writable(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> None:
+    """Prove that a file can be written in ``folder`` (root ignores file modes), creating it if ``create``.
 
+    With ``create=False`` nothing is created: the nearest existing ancestor must be a writable folder.
     Raises ValueError naming the folder.
     """
     folder = Path(folder)
+    probe = folder
+    if not create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
         raise ValueError(f"{what} {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first (see :func:`remove_empty`)."""
+    folder = Path(folder).absolute()
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the given folders (deepest first) while they are empty: undoes what a failed run created."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def setup_logging(verbose: bool = False) -> None:

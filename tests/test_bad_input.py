@@ -245,6 +245,8 @@ CASES = {
                                  database_written=False),
     "malicious checkpoint": Case(_checkpoint_file(pickle.dumps({"model": _Evil()})), 2, ["model.pth"],
                                  checkpoint=False, database_written=False),
+    "offline, no --checkpoint": Case(_flag(), 2, ["HF_HUB_OFFLINE", "--checkpoint", "mast3r_colmap.testing.weights"],
+                                     checkpoint=False, database_written=False),
     "hub folder without config": Case(_hub_folder_without_config, 2, ["config.json"], checkpoint=False,
                                       database_written=False),
     # outputs
@@ -292,6 +294,11 @@ def test_bad_input(name, tmp_path, small_pth, caplog, capsys, monkeypatch):
     case = CASES[name]
     if name == "huge photo with --strict":
         monkeypatch.setattr("mast3r_colmap.images.MAX_IMAGE_PIXELS", 2_000_000)
+    if name == "offline, no --checkpoint":
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path.parent / f"{tmp_path.name}-hub"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     if name == "--device cuda without CUDA":
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.chdir(tmp_path)  # a malicious pickle would write PWNED here
@@ -299,12 +306,15 @@ def test_bad_input(name, tmp_path, small_pth, caplog, capsys, monkeypatch):
     if case.checkpoint:
         argv += ["--checkpoint", small_pth]
     before = _snapshot(tmp_path)
+    before_paths = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")]
     code, log = _run_cli(argv, caplog, capsys)
     assert code == case.code, f"{name}: exit {code}, log:\n{log[-3000:]}"
     for fragment in case.messages:
         assert fragment in log, f"{name}: {fragment!r} not in the log:\n{log[-3000:]}"
     if case.code != 0:
         assert "Traceback" not in log
+        left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        assert left == sorted(before_paths), f"{name}: a failed run left new files or folders behind"
     after = _snapshot(tmp_path)
     changed = [p for p, digest in before.items() if after.get(p) != digest]
     assert not changed, f"{name}: existing files changed or removed: {changed}"

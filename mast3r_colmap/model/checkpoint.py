@@ -154,6 +154,9 @@ def fetch_from_hub(repo_id: str) -> Path:
         f"  * hub format: `hf download {repo_id} --local-dir DIR` (config.json + model.safetensors), "
         f"then use --checkpoint DIR, or\n"
         f"  * official .pth: {OFFICIAL_PTH_URL}, then use --checkpoint PATH.pth\n"
+        f"To try the plumbing without the real weights, write an untrained test checkpoint "
+        f"(meaningless matches): `python -m mast3r_colmap.testing.weights small test_small.pth`, "
+        f"then use --checkpoint test_small.pth\n"
         f"The weights are licensed CC BY-NC-SA 4.0 (non-commercial) by their authors; "
         f"by downloading them you accept that licence.")
 
