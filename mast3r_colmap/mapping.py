@@ -49,6 +49,7 @@ import pycolmap
 
 from . import __version__
 from .export.colmap_db import open_database
+from .options import build as build_options
 from .utils import colmap_log_to_python
 
 __all__ = [
@@ -77,38 +78,6 @@ _MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin", "rigs.bin", "frames
 _MODEL_NAMES = (*_MODEL_FILES, "cameras.txt", "images.txt", "points3D.txt", "rigs.txt", "frames.txt",
                 "models", SUMMARY_FILE)
 _SCRATCH_PREFIX = ".mast3r-colmap-tmp-"
-
-
-# ----------------------------------------------------------------------------------------------
-# options
-# ----------------------------------------------------------------------------------------------
-
-
-def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        if k not in out:
-            raise ValueError(f"unknown option {k!r}; known: {', '.join(sorted(out))}")
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out[k], Mapping) else v
-    return out
-
-
-def _set_seeds(d: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Set every ``random_seed`` in a (nested) options dict that the caller left at -1."""
-    for k, v in d.items():
-        if isinstance(v, dict):
-            _set_seeds(v, seed)
-        elif k == "random_seed" and v == -1:
-            d[k] = seed
-    return d
-
-
-def _options(cls: type, options: Mapping[str, Any] | Any | None, defaults: Mapping[str, Any], seed: int) -> Any:
-    if isinstance(options, cls):
-        options = options.todict()
-    merged = _merge(cls().todict(), defaults)
-    merged = _merge(merged, dict(options or {}))
-    return cls(_set_seeds(merged, seed))
 
 
 def _images_present(db_path: str | os.PathLike, image_dir: str | os.PathLike | None) -> bool:
@@ -312,7 +281,7 @@ def incremental(
     out = _prepare_output(output_dir)
     seed = _seed(seed)
     defaults: dict[str, Any] = {"extract_colors": _images_present(db_path, image_dir)}
-    opts = _options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
+    opts = build_options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
     with _mapping_run(out, "incremental") as tmp:
         (tmp / "models").mkdir()
         with colmap_log_to_python(tmp):
@@ -340,7 +309,7 @@ def global_mapping(
     if not pycolmap.has_cuda:
         defaults["mapper"] = {"global_positioning": {"use_gpu": False},
                               "bundle_adjustment": {"ceres": {"use_gpu": False}}}
-    opts = _options(pycolmap.GlobalPipelineOptions, options, defaults, seed)
+    opts = build_options(pycolmap.GlobalPipelineOptions, options, defaults, seed)
     # pycolmap needs an existing folder; without the images it warns per image and colours stay black.
     image_path = str(image_dir) if _images_present(db_path, image_dir) else str(out)
     with _mapping_run(out, "global") as tmp:
@@ -429,7 +398,7 @@ def triangulate(
     out = _prepare_output(output_dir)
     seed = _seed(seed)
     defaults: dict[str, Any] = {"extract_colors": _images_present(db_path, image_dir)}
-    opts = _options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
+    opts = build_options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
     with _mapping_run(out, "triangulation") as tmp:
         with colmap_log_to_python(tmp):
             result = pycolmap.triangulate_points(rec, str(db_path), _image_path(image_dir, out), str(tmp),

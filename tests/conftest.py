@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mast3r_colmap  # noqa: F401  (first: it loads Pillow before any test imports pycolmap)
 import numpy as np
 import pytest
 import torch

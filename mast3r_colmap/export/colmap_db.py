@@ -37,6 +37,7 @@ import numpy as np
 import pycolmap
 from PIL import Image as PILImage
 
+from ..options import build as build_options
 from ..structures import ImageKeypoints, IndexMatches
 
 __all__ = [
@@ -476,17 +477,7 @@ def existing_keypoints(db: DbLike) -> dict[str, np.ndarray]:
 
 def _verification_options(options: Mapping[str, Any] | pycolmap.TwoViewGeometryOptions | None
                           ) -> pycolmap.TwoViewGeometryOptions:
-    if isinstance(options, pycolmap.TwoViewGeometryOptions):
-        return options
-    merged = _merge(DEFAULT_VERIFICATION_OPTIONS, dict(options or {}))
-    return pycolmap.TwoViewGeometryOptions(merged)
-
-
-def _merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
+    return build_options(pycolmap.TwoViewGeometryOptions, options, DEFAULT_VERIFICATION_OPTIONS)
 
 
 def verify_matches(
