@@ -27,17 +27,18 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
+import pycolmap
 from tqdm import tqdm
 
 from . import mapping
-from .export import colmap_db, hloc_h5, provenance
+from .export import colmap_db, hloc_h5, provenance, scores
 from .images import ImageLoadError, list_images, validate_image
 from .keypoints import KeypointConfig, consolidate
 from .lock import locks_database
 from .matching.schedule import schedule_pairs
 from .pairs import pairs_from_spec, write_pairs
 from .store import MatchStore, config_key
-from .structures import ImageKeypoints, PairMatches
+from .structures import ImageKeypoints, IndexMatches, PairMatches
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
         if name not in keypoints and name not in fixed:
             keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
     colmap_db.write_features_and_matches(database, ids, keypoints, matches)
+    scores.record(database, ids, {n: k for n, k in keypoints.items() if n not in fixed}, matches)
     verified = colmap_db.verify_matches(database, pairs) if pairs else {}
     logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
                 len(verified))
@@ -299,7 +301,7 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     n_verified = sum(1 for v in verified.values() if v > 0)
 
     if export_h5 is not None:
-        export_hloc(export_h5, database, image_dir, keypoints, matches, pairs)
+        export_hloc(export_h5, database, image_dir, pairs)
 
     result: Dict[str, Any] = {"num_images": len(names), "num_pairs": len(pairs), "num_verified_pairs": n_verified}
     if config.mapper != "none":
@@ -314,14 +316,36 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
 
 
 def export_hloc(folder: str | os.PathLike, database: str | os.PathLike, image_dir: str | os.PathLike,
-                keypoints, matches, pairs) -> None:
-    """Write features.h5, matches.h5 and pairs.txt in hloc's layout into ``folder``."""
+                pairs: Sequence[Tuple[str, str]]) -> None:
+    """Write ``features.h5``, ``matches.h5`` and ``pairs.txt`` in hloc's layout into ``folder``, from the
+    database: every image of ``pairs`` and every pair of ``pairs``, also those matched by earlier runs.
+
+    Each file is written completely and atomically (hloc never reads a half-written file). Scores come
+    from :mod:`.export.scores` (1 where the database has none, e.g. a database made by another tool).
+    """
     from .images import read_image_size
+
+    pairs = [(str(a), str(b)) for a, b in pairs]
+    names = sorted({name for pair in pairs for name in pair})
+    with colmap_db.open_database(database) as db:
+        ids = colmap_db.image_ids(db)
+        missing = [n for n in names if n not in ids]
+        if missing:
+            raise ValueError(f"cannot export {len(missing)} image(s) that are not in the database: {missing[:5]}")
+        stored = colmap_db.existing_keypoints(db)
+        raw = {pair: colmap_db.read_pair_matches(db, ids, *pair) for pair in pairs}  # rows in COLMAP's order
+    kp_scores = scores.read_keypoint_scores(database, [ids[n] for n in names])
+    keypoints = {n: ImageKeypoints(n, stored.get(n, np.zeros((0, 2))), kp_scores.get(ids[n])) for n in names}
+    pair_ids = {pair: int(pycolmap.image_pair_to_pair_id(ids[pair[0]], ids[pair[1]])) for pair in pairs}
+    match_scores = scores.read_match_scores(database, pair_ids.values())
+    matches = []
+    for pair, idx in raw.items():
+        matches.append(IndexMatches(pair[0], pair[1], idx, match_scores.get(pair_ids[pair])))
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sizes = {name: read_image_size(Path(image_dir) / name) for name in keypoints}
-    hloc_h5.write_features(folder / "features.h5", keypoints, sizes)
-    hloc_h5.write_matches(folder / "matches.h5", matches, {n: len(k) for n, k in keypoints.items()})
+    sizes = {name: read_image_size(Path(image_dir) / name) for name in names}
+    hloc_h5.write_features(folder / "features.h5", keypoints, sizes, replace=True)
+    hloc_h5.write_matches(folder / "matches.h5", matches, {n: len(k) for n, k in keypoints.items()}, replace=True)
     write_pairs(folder / "pairs.txt", pairs)
-    logger.info("hloc files written to %s", folder)
+    logger.info("hloc files written to %s: %d images, %d pairs", folder, len(names), len(pairs))

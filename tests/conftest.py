@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import mast3r_colmap  # noqa: F401  (first: it loads Pillow before any test imports pycolmap)
@@ -10,6 +12,8 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+#: hloc's own source (Apache-2.0, unchanged), test data beside the repository: never copied into it.
+HLOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "third_party" / "hloc"
 
 # Tolerances of the golden vectors (vectors README §7), in float32.
 DESC_ABS = 5e-6
@@ -91,3 +95,18 @@ def small_hub_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("hub") / "small_seed1"
     write_hub_dir(str(path), "small", 1)
     return path
+
+
+@pytest.fixture(scope="session")
+def hloc():
+    """The real hloc package from ``../shared/third_party/hloc`` (its readers and pipelines run against our
+    files). Absent folder: skipped outside CI, an error in CI."""
+    if not (HLOC_ROOT / "hloc" / "__init__.py").is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"hloc's source is missing at {HLOC_ROOT} (CI must have ../shared beside the clone)")
+        pytest.skip(f"hloc's source is not at {HLOC_ROOT}")
+    if str(HLOC_ROOT) not in sys.path:
+        sys.path.insert(0, str(HLOC_ROOT))
+    import hloc as module
+
+    return module

@@ -302,11 +302,11 @@ def test_h5_matches_layout_and_find_pair(scene: Scene, tmp_path: Path) -> None:
         grp = f[key]
         assert isinstance(f[m.name0.replace("/", "-")], h5py.Group)
         assert grp["matches0"].dtype == np.int32 and grp["matches0"].shape == (nkps[m.name0],)
-        assert grp["matching_scores0"].dtype == np.float16
+        assert grp["matching_scores0"].dtype == np.float32  # float16 overflows MASt3R's scores
         matches0 = grp["matches0"][()]
         assert (matches0 == -1).sum() == nkps[m.name0] - len(m)
         np.testing.assert_array_equal(matches0[m.matches[:, 0]], m.matches[:, 1])
-        np.testing.assert_allclose(grp["matching_scores0"][()][m.matches[:, 0]], m.scores, atol=1e-3)
+        np.testing.assert_array_equal(grp["matching_scores0"][()][m.matches[:, 0]], m.scores.astype(np.float32))
         assert set(grp["matching_scores0"][()][matches0 == -1]) <= {0}
     assert hloc_h5.list_h5_names(path) == sorted(hloc_h5.names_to_pair(*x.pair) for x in scene.matches)
 

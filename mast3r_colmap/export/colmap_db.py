@@ -52,6 +52,7 @@ __all__ = [
     "import_images",
     "open_database",
     "read_image_info",
+    "read_pair_matches",
     "verify_matches",
     "write_keypoints",
     "write_matches",
@@ -458,6 +459,17 @@ def existing_pairs(db: DbLike) -> set[frozenset[str]]:
             i, j = pycolmap.pair_id_to_image_pair(int(pid))
             out.add(frozenset((names[int(i)], names[int(j)])))
         return out
+
+
+def read_pair_matches(db: DbLike, image_ids: Mapping[str, int] | None, name0: str, name1: str) -> np.ndarray:
+    """The raw matches of ``(name0, name1)`` as (M, 2) int64 ``[idx0, idx1]``, in COLMAP's row order
+    whichever way round the pair was written. ValueError if the pair was never matched."""
+    with _use_db(db) as d:
+        ids = _resolve_ids(d, image_ids)
+        id0, id1 = _id_of(ids, name0), _id_of(ids, name1)
+        if not d.exists_matches(id0, id1):
+            raise ValueError(f"pair {name0!r}/{name1!r} has no matches in the database")
+        return np.asarray(d.read_matches(id0, id1), np.int64).reshape(-1, 2)
 
 
 def existing_keypoints(db: DbLike) -> dict[str, np.ndarray]:

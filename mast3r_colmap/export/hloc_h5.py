@@ -8,14 +8,16 @@ Layout (as hloc's ``extract_features`` / ``match_features`` / ``match_dense`` an
   ``score``) and, when known, ``image_size`` int64 (W, H) of the original image. An optional
   ``uncertainty`` attribute on ``keypoints`` is read by hloc's triangulation.
 * matches: one group per pair, :func:`names_to_pair` ``(n0, n1)`` (two nested groups), with
-  ``matches0`` int32 (N0,): index of the match in image 1 or -1, and ``matching_scores0`` float16 (N0,),
-  0 where unmatched.
+  ``matches0`` int32 (N0,): index of the match in image 1 or -1, and ``matching_scores0`` float32 (N0,),
+  0 where unmatched. hloc's sparse matchers write float16 here; MASt3R's scores (products of descriptor
+  confidences, >= 1 and unbounded above) overflow float16 to inf, so they are stored as float32, which
+  every hloc reader accepts: no overflow, order kept.
 
-Writing policy: a file that does not exist yet is written to a temporary file in the same folder and
-moved into place with ``os.replace`` (a crash never leaves a half-written new file). An existing file is
-opened in append mode and each image / pair group that is written replaces the group of the same name
-(other entries are kept), which is what hloc's incremental pipelines (e.g. adding query images to the
-mapping features) need.
+Writing policy: every write goes to a temporary file in the same folder that is moved into place with
+``os.replace``, so a crash never leaves a half-written file that hloc would read. Without ``replace``,
+an existing file is copied first and each image / pair group that is written replaces the group of the
+same name (other entries are kept), which is what hloc's incremental pipelines (e.g. adding query images
+to the mapping features) need; with ``replace=True`` the file holds exactly what is written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -57,18 +60,17 @@ def names_to_pair_old(name0: str, name1: str) -> str:
 
 
 @contextlib.contextmanager
-def _open_for_write(path: str | os.PathLike) -> Iterator[h5py.File]:
+def _open_for_write(path: str | os.PathLike, replace: bool = False) -> Iterator[h5py.File]:
+    """An h5py file on a temporary copy of ``path`` (empty if ``replace`` or new), moved into place on success."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    if path.exists():
-        with h5py.File(path, "a", libver="latest") as f:
-            yield f
-        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        if path.exists() and not replace:
+            shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "a" if path.exists() and not replace else "w", libver="latest") as f:
             yield f
         os.replace(tmp, path)
     except BaseException:
@@ -88,6 +90,7 @@ def write_features(
     keypoints: Mapping[str, ImageKeypoints] | Iterable[ImageKeypoints],
     image_sizes: Mapping[str, tuple[int, int]] | None = None,
     uncertainty: float | None = None,
+    replace: bool = False,
 ) -> None:
     """Write per-image keypoints (hloc convention) to an hloc ``features.h5``.
 
@@ -95,9 +98,10 @@ def write_features(
         keypoints: ``{name: ImageKeypoints}`` or an iterable of them (their ``name`` is used).
         image_sizes: optional ``{name: (W, H)}`` written as ``image_size`` int64.
         uncertainty: optional keypoint noise (px) stored as the ``uncertainty`` attribute.
+        replace: write a new file holding only these images (else other images of an existing file stay).
     """
     items = list(keypoints.values()) if isinstance(keypoints, Mapping) else list(keypoints)
-    with _open_for_write(path) as f:
+    with _open_for_write(path, replace) as f:
         for kp in items:
             grp = _replace_group(f, kp.name)
             dset = grp.create_dataset("keypoints", data=np.asarray(kp.keypoints, np.float32).reshape(-1, 2))
@@ -113,6 +117,7 @@ def write_matches(
     path: str | os.PathLike,
     matches: Iterable[IndexMatches],
     num_keypoints0: Mapping[str, int] | None = None,
+    replace: bool = False,
 ) -> None:
     """Write pair matches to an hloc ``matches.h5`` under ``names_to_pair(name0, name1)``.
 
@@ -120,13 +125,14 @@ def write_matches(
         num_keypoints0: ``{name: number of keypoints}``; ``matches0`` of a pair gets the length of its
             image 0. If ``None``, the length is ``max(idx0) + 1`` (as ``match_dense`` does), so readers
             must not assume ``len(matches0) == N0``.
+        replace: write a new file holding only these pairs (else other pairs of an existing file stay).
 
     Raises:
         ValueError: an image 0 missing from ``num_keypoints0``, an index out of range, or an index of
             image 0 matched twice (``matches0`` holds one match per keypoint).
     """
     matches = list(matches)
-    with _open_for_write(path) as f:
+    with _open_for_write(path, replace) as f:
         for m in matches:
             idx = np.asarray(m.matches, np.int64).reshape(-1, 2)
             if num_keypoints0 is None:
@@ -140,7 +146,7 @@ def write_matches(
             if len(np.unique(idx[:, 0])) != len(idx):
                 raise ValueError(f"pair {m.name0!r}/{m.name1!r}: a keypoint of {m.name0!r} is matched twice")
             matches0 = np.full(n0, -1, np.int32)
-            scores0 = np.zeros(n0, np.float16)
+            scores0 = np.zeros(n0, np.float32)
             matches0[idx[:, 0]] = idx[:, 1]
             scores0[idx[:, 0]] = np.asarray(m.scores, np.float32)
             grp = _replace_group(f, names_to_pair(m.name0, m.name1))

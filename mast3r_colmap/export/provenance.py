@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Provenance", "check", "differences", "flatten_settings", "read", "record"]
+__all__ = ["Provenance", "check", "connect", "differences", "flatten_settings", "read", "record"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str,
 
 
 @contextlib.contextmanager
-def _connect(database: str | os.PathLike) -> Iterator[sqlite3.Connection]:
+def connect(database: str | os.PathLike) -> Iterator[sqlite3.Connection]:
     """A plain SQLite connection to the database file; SQLite errors become ValueErrors naming it."""
     con = None
     try:
@@ -80,7 +80,7 @@ def read(database: str | os.PathLike) -> Provenance:
     """The recorded hashes and settings (empty for a database that records none, or no file)."""
     if not Path(database).is_file():
         return Provenance()
-    with _connect(database) as con:
+    with connect(database) as con:
         tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         out = Provenance()
         if "mast3r_images" in tables:
@@ -121,7 +121,7 @@ def check(database: str | os.PathLike, hashes: Mapping[str, str], settings: Mapp
 
 def record(database: str | os.PathLike, hashes: Mapping[str, str], settings: Mapping[str, Any]) -> None:
     """Record the image hashes (new names; :func:`check` first) and, if none are recorded yet, the settings."""
-    with _connect(database) as con, con:
+    with connect(database) as con, con:
         for statement in _SCHEMA:
             con.execute(statement)
         con.executemany("INSERT OR REPLACE INTO mast3r_images VALUES (?, ?)", sorted(hashes.items()))
