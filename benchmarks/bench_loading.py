@@ -21,27 +21,28 @@ from PIL import Image
 
 from mast3r_colmap.images import load_image
 from mast3r_colmap.matching.matcher import Matcher
-from mast3r_colmap.model.mast3r import Encoding
 
 
 class SleepingNetwork:
-    """Encoder and decoder stand-in: fixed latency, constant 8x8 descriptors (FRM cost negligible)."""
+    """A dense network stand-in: fixed latency, constant 8-dim descriptors (FRM cost negligible)."""
+
+    device = torch.device("cpu")
 
     def __init__(self, seconds: float):
         self.seconds = seconds
-        self.device = torch.device("cpu")
 
-    def encode(self, img: torch.Tensor) -> Encoding:
-        time.sleep(self.seconds / 2 * img.shape[0])
-        b, _, h, w = img.shape
-        return Encoding(torch.zeros(b, (h // 16) * (w // 16), 1), (h // 16, w // 16), 16)
+    def settings(self) -> dict:
+        return {"network": "sleeping"}
 
-    def predict(self, enc0: Encoding, enc1: Encoding, with_pts3d: bool = False):
-        time.sleep(self.seconds / 2 * enc0.tokens.shape[0])
+    def encode(self, images: torch.Tensor, keys, to_original) -> list:
+        time.sleep(self.seconds / 2 * images.shape[0])
+        return [tuple(images.shape[-2:])] * images.shape[0]
+
+    def decode(self, enc0: list, enc1: list, symmetric: bool = False) -> tuple:
+        time.sleep(self.seconds / 2 * len(enc0))
         out = []
         for enc in (enc0, enc1):
-            h, w = enc.image_shape
-            desc = torch.nn.functional.normalize(torch.rand(enc.tokens.shape[0], h, w, 8), dim=-1)
+            desc = torch.nn.functional.normalize(torch.rand(len(enc), *enc[0], 8), dim=-1)
             out.append({"desc": desc, "desc_conf": torch.full(desc.shape[:3], 2.0)})
         return tuple(out)
 

@@ -21,3 +21,42 @@ if PYCOLMAP_IMPORTED_FIRST:
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+#: The public API: ``from mast3r_colmap import load_model, Matcher, reconstruct``. Loaded on first use
+#: (PEP 562), so that ``import mast3r_colmap`` stays cheap (no torch) for the command lines.
+_API = {
+    "load_model": "model.checkpoint",
+    "MASt3R": "model",
+    "Matcher": "matching.matcher",
+    "MatcherConfig": "matching.matcher",
+    "get_config": "matching.matcher",
+    "match_pair": "matching.matcher",
+    "load_image": "images",
+    "KeypointConfig": "keypoints",
+    "PipelineConfig": "pipeline",
+    "reconstruct": "pipeline",
+    "export_hloc": "pipeline",
+    "pairs_from_spec": "pairs",
+    "verify_matches": "verification",
+    "LocalizationConfig": "localization",
+    "localize": "localization",
+    "triangulate_reference": "localization",
+    "PairMatches": "structures",
+    "ImageKeypoints": "structures",
+    "IndexMatches": "structures",
+}
+__all__ = sorted(_API) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -27,9 +27,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from .utils import EXIT_BAD_INPUT, text_records
+from . import cli
+from .cli import EXIT_BAD_INPUT  # noqa: F401 (re-exported: the exit code of bad input)
+from .utils import text_records
 
-__all__ = ["THRESHOLDS", "evaluate", "format_recall", "main", "pose_error", "read_poses"]
+__all__ = ["THRESHOLDS", "build_parser", "evaluate", "format_recall", "main", "pose_error", "read_poses"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +151,19 @@ def _threshold(text: str) -> Tuple[float, float]:
     return t, r
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m mast3r_colmap.evaluate RESULTS GT``: prints recall and median errors."""
-    p = argparse.ArgumentParser(prog="python -m mast3r_colmap.evaluate",
-                                description="Recall and median errors of a localisation results file.")
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.new_parser("python -m mast3r_colmap.evaluate", "Recall and median errors of a localisation results file.")
     p.add_argument("results", type=Path, help="results file: 'name qw qx qy qz tx ty tz' per line")
     p.add_argument("ground_truth", type=Path, help="ground-truth poses in the same format")
     p.add_argument("--thresholds", type=_threshold, nargs="+", default=list(THRESHOLDS),
                    help="METERS,DEGREES pairs")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    args = p.parse_args(None if argv is None else [str(a) for a in argv])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        stats = evaluate(args.results, args.ground_truth, args.thresholds)
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return EXIT_BAD_INPUT
+    cli.add_logging_arguments(p)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    stats = evaluate(args.results, args.ground_truth, args.thresholds)
     if args.json:
         print(json.dumps({k: v for k, v in stats.items() if k != "errors"}, indent=2))
     else:
@@ -172,6 +171,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_recall(stats))
         print(f"median errors: {stats['median_translation_error']:.3f} m, {stats['median_rotation_error_deg']:.3f}°")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m mast3r_colmap.evaluate RESULTS GT``: prints recall and median errors; bad input exits with 2."""
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    cli.setup_logging(args.log_level)
+    return cli.run_cli(_run, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Structure from motion on a prepared COLMAP database (pycolmap 4.x).
 
 The database must hold verified two-view geometries with a real configuration (see
-:func:`mast3r_colmap.export.colmap_db.verify_matches`); UNDEFINED ones are ignored by pycolmap 4.x.
+:func:`mast3r_colmap.verification.verify_matches`); UNDEFINED ones are ignored by pycolmap 4.x.
 
 * :func:`incremental`: ``pycolmap.incremental_mapping``; the largest model is written to ``output_dir``.
 * :func:`global_mapping`: ``pycolmap.global_mapping`` (GLOMAP); the largest model is written likewise.
@@ -61,6 +61,7 @@ __all__ = [
     "global_",
     "global_mapping",
     "incremental",
+    "load_reference",
     "summary",
     "triangulate",
     "write_summary",
@@ -332,7 +333,7 @@ def database_from_reconstruction(
     ``{name: image_id}``. Re-running on a database made this way is a no-op; a database whose images
     disagree with the reference (same id, other name or camera) raises :class:`ValueError`.
     """
-    rec = _load_reference(reference)
+    rec = load_reference(reference)
     ids = {img.name: int(img_id) for img_id, img in rec.images.items()}
     with open_database(db_path) as db:
         stored = {int(img.image_id): img for img in db.read_all_images()}
@@ -361,13 +362,23 @@ def database_from_reconstruction(
     return ids
 
 
-def _load_reference(reference: pycolmap.Reconstruction | str | os.PathLike) -> pycolmap.Reconstruction:
+def load_reference(reference: pycolmap.Reconstruction | str | os.PathLike) -> pycolmap.Reconstruction:
+    """``reference`` itself, or the model read from a folder (``.bin`` or ``.txt``).
+
+    Raises ValueError for a missing folder, a missing cameras/images/points3D file or an unreadable model.
+    """
     if isinstance(reference, pycolmap.Reconstruction):
         return reference
     path = Path(reference)
     if not path.is_dir():
         raise ValueError(f"reference model {str(path)!r} is not a folder")
-    return pycolmap.Reconstruction(str(path))
+    for stem in ("cameras", "images", "points3D"):
+        if not ((path / f"{stem}.bin").is_file() or (path / f"{stem}.txt").is_file()):
+            raise ValueError(f"reference model {str(path)!r} has no {stem}.bin or {stem}.txt")
+    try:
+        return pycolmap.Reconstruction(str(path))
+    except Exception as exc:  # noqa: BLE001 - pycolmap raises RuntimeError/ValueError on bad files
+        raise ValueError(f"cannot read the reference model {str(path)!r}: {exc}") from None
 
 
 def triangulate(
@@ -387,7 +398,7 @@ def triangulate(
     points is still the current result and is published, with a warning).
     """
     _check_db(db_path)
-    rec = pycolmap.Reconstruction(_load_reference(reference))  # never modify the caller's model
+    rec = pycolmap.Reconstruction(load_reference(reference))  # never modify the caller's model
     with open_database(db_path) as db:
         for img_id, img in rec.images.items():
             if not db.exists_image(int(img_id)) or db.read_image(int(img_id)).name != img.name:

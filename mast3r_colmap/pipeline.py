@@ -4,8 +4,9 @@
            -> geometric verification -> [hloc h5 export] -> mapping -> summary
 
 Stages communicate through the plain values of :mod:`mast3r_colmap.structures`. The matcher is anything
-with ``match_pairs(pairs) -> Iterator[PairMatches]`` (the MASt3R :class:`~.matching.matcher.Matcher`, or
-a :class:`~.matching.matcher.SourceMatcher` over the synthetic oracle of the tests).
+with ``match_pairs(pairs) -> Iterator[PairMatches]``: in practice the :class:`~.matching.matcher.Matcher`,
+over the MASt3R network or, in the tests, over the synthetic-scene oracle
+(:class:`~.testing.synthetic.SyntheticNetwork`) plugged in at the same seam.
 
 Crash safety: raw matches go pair by pair into a :class:`~.store.MatchStore`; keypoints and matches
 are written to the database in one transaction after all pairs are matched; verification and mapping
@@ -39,6 +40,7 @@ from .matching.schedule import schedule_pairs
 from .pairs import pairs_from_spec, write_pairs
 from .store import MatchStore, config_key
 from .structures import ImageKeypoints, IndexMatches, PairMatches
+from .verification import verify_matches
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ MAPPERS = ("incremental", "global", "none")
 
 
 class PairMatcher(Protocol):
-    """What the pipeline needs from a matcher.
+    """What the pipeline needs from a matcher: the :class:`~.matching.matcher.Matcher` over any dense
+    network (MASt3R, or the synthetic oracle of the tests), or a test stand-in.
 
     A matcher that caches per-image work may also have a ``cache_size`` attribute (images it keeps):
     the pipeline then matches the pairs in the order of :func:`~.matching.schedule.schedule_pairs`.
@@ -246,7 +249,7 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
             keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
     colmap_db.write_features_and_matches(database, ids, keypoints, matches)
     scores.record(database, ids, {n: k for n, k in keypoints.items() if n not in fixed}, matches)
-    verified = colmap_db.verify_matches(database, pairs) if pairs else {}
+    verified = verify_matches(database, pairs) if pairs else {}
     logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
                 len(verified))
     return keypoints, matches, verified

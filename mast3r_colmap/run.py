@@ -15,28 +15,21 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import cli
+from .cli import EXIT_BAD_INPUT, EXIT_NO_MODEL  # noqa: F401 (exit codes re-exported)
 from .keypoints import KeypointConfig
-from .matching.matcher import add_cli_arguments, cli_overrides
 from .matching.matcher import confs as matcher_confs
 from .pipeline import MAPPERS, PipelineConfig
-from .utils import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_NO_MODEL,  # noqa: F401 (exit codes re-exported)
-                    check_writable, missing_folders, remove_empty, run_cli, setup_logging)
+from .utils import check_writable, missing_folders, remove_empty
 
 logger = logging.getLogger("mast3r_colmap")
 _RETRIEVAL_CACHE = 1024  # encodings kept when retrieval pairs are used (see main)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the epilog (exit codes) as written."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .model.checkpoint import DEFAULT_CHECKPOINT
-
-    p = argparse.ArgumentParser(
-        prog="mast3r-colmap",
-        description="Match images with MASt3R, write a COLMAP database and reconstruct with pycolmap.",
-        epilog=EXIT_CODES_HELP, formatter_class=_HelpFormatter)
+    p = cli.new_parser("mast3r-colmap",
+                       "Match images with MASt3R, write a COLMAP database and reconstruct with pycolmap.",
+                       no_model=True)
     p.add_argument("images", type=Path, help="image folder (searched recursively)")
     p.add_argument("database", type=Path, help="COLMAP database to create or extend")
     p.add_argument("--pairs", default="exhaustive",
@@ -45,16 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MASt3R-SfM training-free retrieval checkpoint (*_trainingfree.pth, with its "
                         "*_codebook.pkl beside it): retrieval:* pairs then use ASMK similarities instead of "
                         "pooled global descriptors")
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
-                   help="official .pth file, hub folder (config.json + model.safetensors) or hub id")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="encoder/decoder precision (heads always fp32); bf16/fp16 are meant for CUDA, "
-                        "on a CPU they are fast only with native support (AMX)")
+    cli.add_model_arguments(p)
     p.add_argument("--preset", choices=sorted(matcher_confs), default="default",
                    help="default: one 512-px pass; hires: coarse-to-fine crops at full resolution; "
                         "sfm: symmetric inference")
-    add_cli_arguments(p)
+    cli.add_matcher_arguments(p)
     p.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"], default="auto",
                    help="auto: images of one size and EXIF focal share a camera")
     p.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
@@ -74,15 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh: delete DATABASE and its match store (with their -wal/-shm files) first; "
                         "without it, a re-run must use the same pictures and matching settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true")
+    cli.add_logging_arguments(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    return run_cli(_run, args, "run the same command again to resume")
+    cli.setup_logging(args.log_level)
+    return cli.run_cli(_run, args, "run the same command again to resume")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,10 +102,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args: argparse.Namespace, device) -> int:
-    import torch
-
     from .matching.matcher import Matcher, get_config
-    from .model.checkpoint import load_model
     from .pipeline import check_image_names, reconstruct, usable_images
 
     config = PipelineConfig(
@@ -128,7 +112,7 @@ def _run_locked(args: argparse.Namespace, device) -> int:
         progress=not args.no_progress)
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     check_image_names(names, export_h5=args.export_h5 is not None)
-    overrides = cli_overrides(args)
+    overrides = cli.matcher_overrides(args)
     if args.pairs.strip().lower().startswith("retrieval:") and args.cache_size is None:
         # retrieval encodes every image first: keep the encodings so matching does not re-encode them
         # (3 MiB each for ViT-L at 512x384; at most 1024 of them, beyond that the pair schedule keeps
@@ -143,8 +127,7 @@ def _run_locked(args: argparse.Namespace, device) -> int:
             retriever = load_retriever(args.retrieval_model)  # bad files fail before the model is loaded
         else:
             logger.warning("--retrieval-model is only used by retrieval:* pairs, not by %r", args.pairs)
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    model = load_model(args.checkpoint, device=device, amp_dtype=amp)
+    model = cli.load_network(args, device)
     matcher = Matcher(model, matcher_conf, image_dir=args.images, checkpoint=str(args.checkpoint))
     similarity_fn = None
     if retriever is not None:

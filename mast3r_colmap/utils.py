@@ -1,9 +1,11 @@
-"""Small helpers shared by the command lines and the text-file readers.
+"""Small helpers: text-file records, atomic writes, writable folders, and COLMAP's logging.
+
+The command-line layer (argument groups, exit codes, ``run_cli``) is :mod:`mast3r_colmap.cli`.
 
 COLMAP logging: pycolmap logs through glog, which by default writes hidden log files into the system
 temp folder and raw ``E20260101 12:00:00 ... sfm.cc:310] ...`` lines to stderr. Here:
 
-* :func:`configure_colmap_logging` (called by :func:`setup_logging`) turns glog's log files off and
+* :func:`configure_colmap_logging` (called by :func:`~.cli.setup_logging`) turns glog's log files off and
   sets ``pycolmap.logging.minloglevel`` from the level of the ``mast3r_colmap.colmap`` logger; what
   COLMAP says outside the block below still goes to stderr in glog's format, filtered by that level.
 * :func:`colmap_log_to_python` routes COLMAP's messages into the ``mast3r_colmap.colmap`` logger while a
@@ -22,7 +24,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 
 def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
@@ -35,6 +37,22 @@ def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
             line = raw.strip()
             if line and not line.startswith("#"):
                 yield f"{path}:{lineno}", line.split()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` through a temporary file in the same folder and
+    ``os.replace``: readers see the old file or the new one, never a part; the temporary file is removed on
+    failure. Returns ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> None:
@@ -70,13 +88,6 @@ def remove_empty(folders: list[Path]) -> None:
             path.rmdir()
         except OSError:
             return
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Logging of the command lines; COLMAP's own INFO lines only when verbose (see the module docstring)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    configure_colmap_logging()
 
 
 #: Name of the logger that receives COLMAP's messages.
@@ -171,34 +182,3 @@ def _follow_glog(folder: Path, prefix: str, log: logging.Logger, stop: threading
         if last_round:
             return
         stop.wait(0.2)
-
-
-#: Exit code of the command lines for bad input (missing files, unreadable images or checkpoints, ...).
-EXIT_BAD_INPUT = 2
-#: Exit code of a run whose mapper made no model (fewer than 2 registered images).
-EXIT_NO_MODEL = 3
-#: The exit codes, for the ``--help`` epilog of the command lines.
-EXIT_CODES_HELP = f"""exit codes:
-  0    success
-  {EXIT_BAD_INPUT}    bad input: missing or unreadable files, a bad option or device, an output folder
-       holding a model this tool did not write (one message, a traceback only with --verbose)
-  {EXIT_NO_MODEL}    no model: the mapper registered fewer than 2 images (the log says how many pairs
-       passed geometric verification)
-  130  interrupted (Ctrl-C)"""
-
-
-def run_cli(run: Callable[[Any], int], args: Any, interrupted_hint: str = "") -> int:
-    """Run a command line's body: bad input (ValueError, OSError, checkpoint errors) is logged as one
-    message with exit code 2, never a traceback (shown with --verbose); Ctrl-C exits with 130."""
-    from .model.checkpoint import CheckpointError
-
-    log = logging.getLogger("mast3r_colmap")
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        log.error("interrupted%s", f"; {interrupted_hint}" if interrupted_hint else "")
-        return 130
-    except (ValueError, OSError, CheckpointError) as exc:
-        log.debug("details", exc_info=True)
-        log.error("%s", exc)
-        return EXIT_BAD_INPUT

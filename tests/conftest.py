@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -110,3 +112,25 @@ def hloc():
     import hloc as module
 
     return module
+
+SACRE_COEUR = DATA / "sacre_coeur" / "mapping"
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """A folder with two photos of the bundled Sacre-Coeur set."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("03903474_1471484089.jpg", "10265353_3838484249.jpg"):
+        shutil.copy(SACRE_COEUR / name, folder / name)
+    return folder
+
+
+def run_main(argv, caplog) -> tuple[int, str]:
+    """``mast3r_colmap.run.main(argv + ["--no-progress"])`` in process: (exit code, log text)."""
+    from mast3r_colmap.run import main
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = main([str(a) for a in argv] + ["--no-progress"])
+    return code, caplog.text

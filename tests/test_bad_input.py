@@ -30,7 +30,7 @@ from PIL import Image
 
 from conftest import DATA
 from mast3r_colmap.run import main
-from mast3r_colmap.utils import EXIT_BAD_INPUT
+from mast3r_colmap.cli import EXIT_BAD_INPUT
 
 SACRE_COEUR = DATA / "sacre_coeur" / "mapping"
 JPEG_A, JPEG_B = SACRE_COEUR / "03903474_1471484089.jpg", SACRE_COEUR / "10265353_3838484249.jpg"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import DATA
+from conftest import SACRE_COEUR, run_main as _run
 from mast3r_colmap.pipeline import usable_images
 from mast3r_colmap.images import ImageLoadError
-from mast3r_colmap.run import EXIT_BAD_INPUT, main
+from mast3r_colmap.run import EXIT_BAD_INPUT
 
-SACRE_COEUR = DATA / "sacre_coeur" / "mapping"
-
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("03903474_1471484089.jpg", "10265353_3838484249.jpg"):
-        shutil.copy(SACRE_COEUR / name, folder / name)
-    return folder
-
-
-def _run(argv, caplog) -> tuple[int, str]:
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        code = main([str(a) for a in argv] + ["--no-progress"])
-    return code, caplog.text
 
 
 def test_help():
@@ -127,3 +109,112 @@ def test_bad_matcher_resources(images, tmp_path, caplog):
     for flag, value in (("--num-workers", "-1"), ("--cache-size", "0"), ("--batch-size", "0")):
         code, log = _run([images, tmp_path / "db.db", "--checkpoint", tmp_path / "unused.pth", flag, value], caplog)
         assert code == EXIT_BAD_INPUT and flag[2:].replace("-", "_") in log and "Traceback" not in log, flag
+
+
+# ---- the command-line layer shared by every entry point (mast3r_colmap.cli) ----------------------------------
+
+MODEL_FLAGS = ("--checkpoint", "--device", "--precision")
+MATCHER_FLAGS = ("--batch-size", "--cache-size", "--num-workers")
+LOGGING_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--log-level", "--no-progress")
+
+
+def _parsers():
+    from mast3r_colmap import evaluate, run
+    from mast3r_colmap.localization import cli as localization_cli
+    from mast3r_colmap.pipelines import aachen
+
+    return {"run": (run.build_parser(), True), "localization": (localization_cli.build_parser(), True),
+            "aachen": (aachen.build_parser(), True), "evaluate": (evaluate.build_parser(), False)}
+
+
+def test_every_entry_point_shares_the_argument_groups():
+    for name, (parser, loads_model) in _parsers().items():
+        flags = {s for action in parser._actions for s in action.option_strings}
+        expected = set(LOGGING_FLAGS) | (set(MODEL_FLAGS + MATCHER_FLAGS) if loads_model else set())
+        assert expected <= flags, (name, expected - flags)
+        if not loads_model:
+            assert not flags & set(MODEL_FLAGS), name
+        assert "exit codes:" in parser.format_help() and "interrupted" in parser.format_help(), name
+
+
+@pytest.mark.parametrize("argv, level", [([], "INFO"), (["-v"], "DEBUG"), (["--verbose"], "DEBUG"),
+                                          (["-q"], "WARNING"), (["--log-level", "error"], "ERROR")])
+def test_log_level_flags(argv, level):
+    from mast3r_colmap.evaluate import build_parser
+
+    args = build_parser().parse_args(["results.txt", "gt.txt", *argv])
+    assert args.log_level == level and args.no_progress is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["results.txt", "gt.txt", "-v", "-q"])  # one level at a time
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", "bfloat16"), ("fp16", "float16")])
+def test_load_network_maps_device_and_precision(monkeypatch, precision, dtype):
+    import torch
+
+    import mast3r_colmap.model.checkpoint as checkpoint
+    from mast3r_colmap import cli
+    from mast3r_colmap.localization import cli as localization_cli
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "load_model", lambda source, device=None, amp_dtype=None: calls.append(
+        (source, device, amp_dtype)) or "network")
+    args = localization_cli.build_parser().parse_args(
+        ["--images", "i", "--reference", "r", "--database", "d", "--pairs", "p", "--output", "o",
+         "--checkpoint", "weights.pth", "--device", "cpu", "--precision", precision])
+    assert cli.load_network(args) == "network"
+    assert calls == [("weights.pth", torch.device("cpu"), None if dtype is None else getattr(torch, dtype))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args.device = "cuda"
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        cli.load_network(args)
+    assert len(calls) == 1  # the device is checked before anything is loaded
+
+
+def test_run_cli_policy(caplog):
+    from mast3r_colmap.cli import EXIT_INTERRUPTED, run_cli
+    from mast3r_colmap.model.checkpoint import CheckpointError
+
+    def raising(exc):
+        def body(_):
+            raise exc
+        return body
+
+    with caplog.at_level(logging.INFO):
+        assert run_cli(raising(CheckpointError("checkpoint 'x.pth' not found")), None) == EXIT_BAD_INPUT
+        assert run_cli(raising(FileNotFoundError("no such file: y")), None) == EXIT_BAD_INPUT
+        assert run_cli(raising(KeyboardInterrupt()), None, "run it again") == EXIT_INTERRUPTED == 130
+        assert run_cli(lambda _: 0, None) == 0
+    assert "checkpoint 'x.pth' not found" in caplog.text and "no such file: y" in caplog.text
+    assert "interrupted; run it again" in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises(RuntimeError, match="a bug"):              # a bug is not bad input: it surfaces
+        run_cli(raising(RuntimeError("a bug")), None)
+
+
+def test_cli_layer_imports_no_model():
+    code = ("import sys, mast3r_colmap.cli; "
+            "assert 'torch' not in sys.modules and 'mast3r_colmap.model' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def _poses_file(path: Path, names) -> Path:
+    path.write_text("".join(f"{n} 1 0 0 0 0 0 0\n" for n in names))
+    return path
+
+
+def test_evaluate_logging_and_bad_input(tmp_path):
+    """The same policy as the other tools: one message and exit 2, the traceback only with -v; -q and
+    --log-level filter the log."""
+    gt = _poses_file(tmp_path / "gt.txt", ["a.jpg", "b.jpg"])
+    res = _poses_file(tmp_path / "res.txt", ["a.jpg"])
+    cmd = [sys.executable, "-m", "mast3r_colmap.evaluate"]
+    out = subprocess.run(cmd + [str(tmp_path / "missing.txt"), str(gt)], capture_output=True, text=True)
+    assert out.returncode == EXIT_BAD_INPUT and "missing.txt" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run(cmd + [str(tmp_path / "missing.txt"), str(gt), "-v"], capture_output=True, text=True)
+    assert out.returncode == EXIT_BAD_INPUT and "Traceback" in out.stderr
+    out = subprocess.run(cmd + [str(res), str(gt)], capture_output=True, text=True)
+    assert out.returncode == 0 and "1 of 2 ground-truth queries have no result" in out.stderr
+    assert "2 queries (1 missing)" in out.stdout
+    out = subprocess.run(cmd + [str(res), str(gt), "--log-level", "ERROR"], capture_output=True, text=True)
+    assert out.returncode == 0 and "no result" not in out.stderr and "2 queries (1 missing)" in out.stdout

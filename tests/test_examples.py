@@ -10,7 +10,7 @@ import numpy as np
 import pycolmap
 
 from mast3r_colmap.images import list_images
-from mast3r_colmap.run import main
+from mast3r_colmap.run import EXIT_NO_MODEL, main
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sacre_coeur" / "images"
 
@@ -19,8 +19,10 @@ def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys):
     db = tmp_path / "database.db"
     code = main([str(EXAMPLE), str(db), "--checkpoint", str(small_pth), "--pairs", "sequential:2",
                  "--export-h5", str(tmp_path / "h5"), "--output", str(tmp_path / "sparse"), "--no-progress"])
-    assert code == 0
+    # untrained weights: every pair passes verification, but the mapper registers no image (documented: exit 3)
+    assert code == EXIT_NO_MODEL
     summary = json.loads(capsys.readouterr().out)
+    assert summary["num_registered_images"] == 0 and summary["num_verified_pairs"] == 7
     names = list_images(EXAMPLE)
     assert summary["num_images"] == len(names) == 5 and summary["num_pairs"] == 7
     with pycolmap.Database.open(str(db)) as d:

@@ -4,38 +4,19 @@ a model exits with 3 and says why, and COLMAP writes no files into the temp fold
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DATA
-from mast3r_colmap.run import EXIT_BAD_INPUT, EXIT_NO_MODEL, main
+from conftest import run_main as _run
+from mast3r_colmap.run import EXIT_BAD_INPUT, EXIT_NO_MODEL
 
-SACRE_COEUR = DATA / "sacre_coeur" / "mapping"
 GLOG_LINE = re.compile(r"^[IWEF]\d{8} ", re.MULTILINE)
 
-
-@pytest.fixture
-def images(tmp_path) -> Path:
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for name in ("03903474_1471484089.jpg", "10265353_3838484249.jpg"):
-        shutil.copy(SACRE_COEUR / name, folder / name)
-    return folder
-
-
-def _run(argv, caplog) -> tuple[int, str]:
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        code = main([str(a) for a in argv] + ["--no-progress"])
-    return code, caplog.text
 
 
 def test_exit_code_values() -> None:

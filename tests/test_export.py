@@ -16,7 +16,9 @@ import pycolmap
 import pytest
 from PIL import Image
 
+from mast3r_colmap.cameras import read_image_info
 from mast3r_colmap.export import colmap_db, hloc_h5
+from mast3r_colmap.verification import verify_matches
 from mast3r_colmap.structures import ImageKeypoints, IndexMatches
 
 W, H, F = 640, 480, 500.0
@@ -188,7 +190,7 @@ def test_verify_matches_gives_real_geometries(scene: Scene, tmp_path: Path) -> N
     db_path = tmp_path / "db.db"
     ids = build_database(scene, db_path)
     pairs = [m.pair for m in scene.matches]
-    result = colmap_db.verify_matches(db_path, pairs)
+    result = verify_matches(db_path, pairs)
     assert set(result) == set(pairs)
     with colmap_db.open_database(db_path) as db:
         assert db.num_verified_image_pairs() == len(pairs)
@@ -201,7 +203,7 @@ def test_verify_matches_gives_real_geometries(scene: Scene, tmp_path: Path) -> N
             assert len(inl & true) >= 0.95 * len(true)       # most true matches kept
             assert len(inl - true) <= 0.02 * len(true)       # few outliers accepted
     # Second call: everything already verified, nothing changes.
-    assert colmap_db.verify_matches(db_path, None) == {p if ids[p[0]] < ids[p[1]] else p[::-1]: n
+    assert verify_matches(db_path, None) == {p if ids[p[0]] < ids[p[1]] else p[::-1]: n
                                                        for p, n in result.items()}
 
 
@@ -243,7 +245,7 @@ def test_exif_focal_prior_and_orientation(tmp_path: Path) -> None:
     exif.get_ifd(0x8769)[0xA405] = 50                 # FocalLengthIn35mmFilm
     Image.new("RGB", (W, H)).save(tmp_path / "exif.jpg", exif=exif.tobytes())
     Image.new("RGB", (W, H)).save(tmp_path / "plain.jpg")
-    info = colmap_db.read_image_info(tmp_path / "exif.jpg")
+    info = read_image_info(tmp_path / "exif.jpg")
     assert (info.width, info.height) == (H, W) and info.focal_source == "exif-35mm"
     expected_f = pycolmap.infer_camera_from_image(str(tmp_path / "exif.jpg")).mean_focal_length()
     assert info.focal == pytest.approx(expected_f, rel=1e-6)   # COLMAP's own EXIF rule

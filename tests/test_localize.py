@@ -1,6 +1,6 @@
-"""Localisation (mast3r_colmap.localize), evaluation (mast3r_colmap.evaluate) and the Aachen pipeline
-(pipelines/aachen.py) on synthetic scenes with known poses, plus the real sacre_coeur night query with the
-small test weights."""
+"""Localisation (mast3r_colmap.localization), evaluation (mast3r_colmap.evaluate) and the Aachen pipeline
+(mast3r_colmap.pipelines.aachen) on synthetic scenes with known poses, plus the real sacre_coeur night query
+with the small test weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,18 +18,17 @@ from scipy.spatial.transform import Rotation
 
 from conftest import DATA
 from mast3r_colmap import evaluate as ev
-from mast3r_colmap import localize as loc
+from mast3r_colmap import localization as loc
+from mast3r_colmap.localization import cli as loc_cli
 from mast3r_colmap.export import colmap_db, hloc_h5
-from mast3r_colmap.matching.matcher import SourceMatcher
+from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.pairs import read_pairs, sequential, write_pairs
+from mast3r_colmap.pipelines import aachen
 from mast3r_colmap.structures import ImageKeypoints, PairMatches
-from mast3r_colmap.testing.synthetic import SyntheticDescriptorSource, SyntheticScene
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for pipelines/
-from pipelines import aachen  # noqa: E402
+from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
 
 IMAGE_SIZE = (320, 240)
-WORKING_SIZE = (160, 120)
+MATCHER_CONF = get_config("default", image_size=160)  # the synthetic pictures matched at half resolution
 MAX_ROTATION_DEG = 0.5
 MAX_CENTER_REL = 0.01  # of the scene size
 
@@ -164,8 +162,7 @@ def mapped(tmp_path_factory):
     root = tmp_path_factory.mktemp("localize")
     scene.write_images(root / "images")
     db_names, query_names = scene.names[0::2], scene.names[1::2]
-    matcher = SourceMatcher(SyntheticDescriptorSource(scene, working_size=WORKING_SIZE), "default",
-                            name="synthetic-localize")
+    matcher = Matcher(SyntheticNetwork(scene), MATCHER_CONF, image_dir=root / "images")
     model = loc.triangulate_reference(_known_poses(scene, db_names), root / "images", root / "db.db", matcher,
                                       sequential(db_names, 1), root / "sfm", progress=False)
     retrieval = {q: [scene.names[j] for j in (scene.index(q) - 1, scene.index(q) + 1) if 0 <= j < len(scene.names)]
@@ -353,7 +350,7 @@ def test_failures_give_a_fallback_line(mapped, tmp_path, caplog):
                  few: mapped.retrieval[few], crash: mapped.retrieval[crash], "ghost.png": ["cam_000.png"],
                  "unmapped.png": ["nowhere.png"]}
     matcher = Scripted(mapped.matcher, empty=[empty], few=[few], crash=[crash])
-    with caplog.at_level(logging.WARNING, logger="mast3r_colmap.localize"):
+    with caplog.at_level(logging.WARNING, logger="mast3r_colmap.localization"):
         results = loc.localize(queries, retrieval, mapped.model, mapped.ref_keypoints, matcher, image_dir=images)
     assert list(results) == list(queries)
     assert results[good].success
@@ -410,7 +407,7 @@ def _cli_inputs(mapped, tmp_path, queries):
 def test_cli(mapped, tmp_path, monkeypatch, capsys, source):
     queries = ["cam_013.png", "cam_015.png"]
     qfile, pfile = _cli_inputs(mapped, tmp_path, queries)
-    monkeypatch.setattr(loc, "build_matcher", lambda args: mapped.matcher)
+    monkeypatch.setattr(loc_cli, "build_matcher", lambda args: mapped.matcher)
     if source == "database":
         src = ["--database", mapped.db]
     else:
@@ -418,8 +415,8 @@ def test_cli(mapped, tmp_path, monkeypatch, capsys, source):
         hloc_h5.write_features(h5, {n: ImageKeypoints(n, k) for n, k in mapped.ref_keypoints.items()})
         src = ["--features", h5]
     out = tmp_path / "out" / "results.txt"
-    code = loc.main(["--images", mapped.images, "--reference", mapped.sfm, *src, "--queries", qfile,
-                     "--pairs", pfile, "--output", out, "--full-names", "--no-progress"])
+    code = loc_cli.main(["--images", mapped.images, "--reference", mapped.sfm, *src, "--queries", qfile,
+                         "--pairs", pfile, "--output", out, "--full-names", "--no-progress"])
     assert code == 0
     assert "localised 2 / 2 queries" in capsys.readouterr().out
     poses = ev.read_poses(out)
@@ -436,7 +433,7 @@ def test_cli_bad_input(mapped, tmp_path, monkeypatch, caplog):
     def never(args):
         raise AssertionError("the model must not be loaded for bad input")
 
-    monkeypatch.setattr(loc, "build_matcher", never)
+    monkeypatch.setattr(loc_cli, "build_matcher", never)
     qfile, pfile = _cli_inputs(mapped, tmp_path, ["cam_013.png"])
     base = {"--images": mapped.images, "--reference": mapped.sfm, "--database": mapped.db, "--queries": qfile,
             "--pairs": pfile, "--output": tmp_path / "r.txt"}
@@ -453,32 +450,32 @@ def test_cli_bad_input(mapped, tmp_path, monkeypatch, caplog):
         argv = [str(a) for k, v in {**base, **change}.items() for a in (k, v)]
         caplog.clear()
         with caplog.at_level(logging.ERROR):
-            code = loc.main(argv + ["--no-progress"])
-        assert code == loc.EXIT_BAD_INPUT, change
+            code = loc_cli.main(argv + ["--no-progress"])
+        assert code == loc_cli.EXIT_BAD_INPUT, change
         assert message in caplog.text and "Traceback" not in caplog.text, (change, caplog.text)
     with pytest.raises(SystemExit) as exc:                        # argparse: both sources at once
-        loc.main([str(a) for k, v in base.items() for a in (k, v)] + ["--features", "x.h5"])
+        loc_cli.main([str(a) for k, v in base.items() for a in (k, v)] + ["--features", "x.h5"])
     assert exc.value.code == 2
 
 
 def test_hires_preset_maps_to_coarse_to_fine(monkeypatch, small_model):
     args = ["--images", "i", "--reference", "r", "--database", "d", "--pairs", "p", "--output", "o"]
-    parser = loc.build_parser()
-    assert loc.matcher_config(parser.parse_args(args)).coarse_to_fine is False
+    parser = loc_cli.build_parser()
+    assert loc_cli.matcher_config(parser.parse_args(args)).coarse_to_fine is False
     hires = parser.parse_args(args + ["--preset", "hires", "--batch-size", "3"])
-    conf = loc.matcher_config(hires)
+    conf = loc_cli.matcher_config(hires)
     assert conf.coarse_to_fine is True and conf.batch_size == 3
     assert (conf.cache_size, conf.num_workers) == (128, 2)  # the defaults
-    tuned = loc.matcher_config(parser.parse_args(args + ["--cache-size", "500", "--num-workers", "0"]))
+    tuned = loc_cli.matcher_config(parser.parse_args(args + ["--cache-size", "500", "--num-workers", "0"]))
     assert (tuned.batch_size, tuned.cache_size, tuned.num_workers) == (8, 500, 0)
     with pytest.raises(ValueError, match="num_workers"):
-        loc.matcher_config(parser.parse_args(args + ["--num-workers", "-1"]))
+        loc_cli.matcher_config(parser.parse_args(args + ["--num-workers", "-1"]))
     with pytest.raises(SystemExit):
         parser.parse_args(args + ["--preset", "sfm"])
     import mast3r_colmap.model.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "load_model", lambda source, device=None, amp_dtype=None: small_model)
-    matcher = loc.build_matcher(hires)
+    matcher = loc_cli.build_matcher(hires)
     assert matcher.conf.coarse_to_fine is True and str(matcher.image_dir) == "i"
 
 
@@ -608,8 +605,7 @@ def test_aachen_pipeline_synthetic(tmp_path):
     pairs_file = tmp_path / "pairs-query-netvlad50.txt"
     write_pairs(pairs_file, pairs)
 
-    matcher = SourceMatcher(SyntheticDescriptorSource(scene, working_size=WORKING_SIZE), "default",
-                            name="synthetic-aachen")
+    matcher = Matcher(SyntheticNetwork(scene), MATCHER_CONF, image_dir=images)
     outputs = tmp_path / "outputs"
     path = aachen.run(dataset, outputs, matcher, query_pairs=pairs_file, num_covis=2, num_loc=2, max_kps=2048,
                       progress=False)
@@ -669,7 +665,6 @@ def test_aachen_cli_bad_input(tmp_path, monkeypatch, caplog):
 def test_sacre_coeur_night_query(small_pth, tmp_path):
     """Untrained weights: the map may be empty and the pose garbage, but the query gets exactly one line
     and a log entry, and a failure is reported with a reason, never raised."""
-    from mast3r_colmap.matching.matcher import Matcher, get_config
     from mast3r_colmap.model.checkpoint import load_model
     from mast3r_colmap.pipeline import PipelineConfig, reconstruct
 

@@ -20,10 +20,10 @@ from PIL import Image
 
 from mast3r_colmap import lock
 from mast3r_colmap.lock import database_lock, lock_path, locks_database
-from mast3r_colmap.matching.matcher import SourceMatcher
+from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.pipeline import PipelineConfig, reconstruct
-from mast3r_colmap.testing.synthetic import SyntheticDescriptorSource, SyntheticScene
-from mast3r_colmap.utils import EXIT_BAD_INPUT
+from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
+from mast3r_colmap.cli import EXIT_BAD_INPUT
 
 _HOLDER = textwrap.dedent("""
     import sys, time
@@ -37,7 +37,7 @@ _HOLDER = textwrap.dedent("""
 _SECOND_RUN = textwrap.dedent("""
     import sys
     from mast3r_colmap.pipeline import PipelineConfig, reconstruct
-    from mast3r_colmap.utils import run_cli, setup_logging
+    from mast3r_colmap.cli import run_cli, setup_logging
 
     class MustNotMatch:
         def settings(self):
@@ -179,8 +179,7 @@ def test_failing_run_leaves_nothing_beside_the_database(tmp_path, monkeypatch):
     pycolmap.logging.minloglevel = 2
     scene = SyntheticScene.make(num_cameras=4, image_size=(320, 240), seed=1, kind="planes", arc_deg=60)
     scene.write_images(tmp_path / "images")
-    matcher = SourceMatcher(SyntheticDescriptorSource(scene, working_size=(160, 120)), "default",
-                            name="synthetic-lock")
+    matcher = Matcher(SyntheticNetwork(scene), get_config("default", image_size=160), image_dir=tmp_path / "images")
     config = PipelineConfig(pairs="exhaustive", camera_model="PINHOLE", progress=False, mapper="none")
     real = pycolmap.estimate_two_view_geometry
     calls = []

@@ -11,6 +11,7 @@ import pytest
 
 from mast3r_colmap import mapping
 from mast3r_colmap.export import colmap_db
+from mast3r_colmap.verification import verify_matches
 from test_export import Scene, build_database, make_scene
 
 
@@ -24,7 +25,7 @@ def verified_db(scene: Scene, tmp_path_factory) -> Path:
     """Database with SIMPLE_RADIAL prior intrinsics, raw matches and verified two-view geometries."""
     db_path = tmp_path_factory.mktemp("db") / "database.db"
     build_database(scene, db_path)
-    colmap_db.verify_matches(db_path, [m.pair for m in scene.matches])
+    verify_matches(db_path, [m.pair for m in scene.matches])
     return db_path
 
 
@@ -105,7 +106,7 @@ def test_triangulate_with_known_poses(scene: Scene, tmp_path: Path) -> None:
     assert colmap_db.import_images(db_path, scene.image_dir, scene.names) == ids
     colmap_db.write_keypoints(db_path, ids, scene.keypoints)
     colmap_db.write_matches(db_path, ids, scene.matches)
-    colmap_db.verify_matches(db_path)
+    verify_matches(db_path)
 
     out = tmp_path / "tri"
     rec = mapping.triangulate(ref_dir, db_path, scene.image_dir, out)

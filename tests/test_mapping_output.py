@@ -16,7 +16,7 @@ import pycolmap
 import pytest
 
 from mast3r_colmap import mapping
-from mast3r_colmap.export import colmap_db
+from mast3r_colmap.verification import verify_matches
 from test_export import Scene, build_database, make_scene
 
 FAST = {"ba_refine_focal_length": False, "ba_refine_extra_params": False}
@@ -32,7 +32,7 @@ def scene(tmp_path_factory) -> Scene:
 def good_db(scene: Scene, tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("good") / "database.db"
     build_database(scene, db)
-    colmap_db.verify_matches(db, [m.pair for m in scene.matches])
+    verify_matches(db, [m.pair for m in scene.matches])
     return db
 
 

@@ -1,4 +1,5 @@
-"""match_pair / Matcher: presets, coordinates in original-image pixels, coarse-to-fine mapping, caching."""
+"""match_pair / Matcher: presets, coordinates in original-image pixels, coarse-to-fine mapping, caching, with
+stand-in networks plugged in where MASt3R plugs in, and with the real network."""
 
 from __future__ import annotations
 
@@ -11,42 +12,45 @@ from PIL import Image
 from mast3r_colmap.images import load_image
 from mast3r_colmap.matching.extract import border_mask, extract_correspondences_nonsym
 from mast3r_colmap.matching.matcher import Matcher, MatcherConfig, get_config, match_pair
-from mast3r_colmap.model.mast3r import Encoding
+from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
 
 OFFSET = np.array([150.0, 100.0])  # (x, y) of image 1 inside the texture, relative to image 0
 
 
-class ImageDescriptorModel:
-    """A stand-in for MASt3R whose descriptors are a function of the local image content only.
+class ImageDescriptorNetwork:
+    """A dense network whose descriptors are a function of the local image content only.
 
-    encode() keeps the patchified pixels as "tokens"; predict() computes per-pixel descriptors from
-    the 3x3 neighbourhood (mean removed, L2-normalised): identical content gives identical descriptors,
-    so the matches between two crops of one texture are known exactly.
+    encode() keeps the pixels as the encoding; decode() computes per-pixel descriptors from the 3x3
+    neighbourhood (mean removed, L2-normalised): identical content gives identical descriptors, so the
+    matches between two crops of one texture are known exactly.
     """
 
+    device = torch.device("cpu")
+
     def __init__(self):
-        self.device = torch.device("cpu")
         self.encoded = []
 
-    def encode(self, img: torch.Tensor) -> Encoding:
-        b, c, h, w = img.shape
+    def settings(self):
+        return {"network": "image-content"}
+
+    def encode(self, images, keys, to_original):
+        b, _, h, w = images.shape
         if h % 16 or w % 16:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size 16")
         self.encoded.extend([(h, w)] * b)  # one entry per encoded image
-        tokens = F.unfold(img, 16, stride=16).transpose(1, 2)  # (B, N, 3*256)
-        return Encoding(tokens, (h // 16, w // 16), 16)
+        return list(images)
 
-    def predict(self, enc0: Encoding, enc1: Encoding, with_pts3d: bool = True):
-        return self._describe(enc0), self._describe(enc1)
+    def decode(self, enc0, enc1, symmetric=False):
+        view0, view1 = self._describe(torch.stack(list(enc0))), self._describe(torch.stack(list(enc1)))
+        return (view0, view1, view1, view0) if symmetric else (view0, view1)
 
     @staticmethod
-    def _describe(enc: Encoding):
-        h, w = enc.image_shape
-        img = F.fold(enc.tokens.transpose(1, 2), (h, w), 16, stride=16)
+    def _describe(img):
+        b, _, h, w = img.shape
         patches = F.unfold(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3)  # (B, 27, H*W)
         patches = patches - patches.mean(1, keepdim=True)
-        desc = F.normalize(patches, dim=1).transpose(1, 2).reshape(img.shape[0], h, w, -1)
-        return {"desc": desc, "desc_conf": torch.full((img.shape[0], h, w), 2.0)}
+        desc = F.normalize(patches, dim=1).transpose(1, 2).reshape(b, h, w, -1)
+        return {"desc": desc, "desc_conf": torch.full((b, h, w), 2.0)}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,7 @@ def test_presets():
 
 def test_default_matches_in_original_pixels(texture_pair):
     """The 512-px pass: matches mapped back to 1200x900 pixels agree with the true shift to ~1 network px."""
-    pm = match_pair(ImageDescriptorModel(), *texture_pair, "default")
+    pm = match_pair(ImageDescriptorNetwork(), *texture_pair, "default")
     assert pm.xy0.dtype == np.float64 and pm.scores.dtype == np.float32
     assert len(pm) > 300
     err = np.abs(pm.xy0 - (pm.xy1 + OFFSET))
@@ -91,9 +95,9 @@ def test_default_matches_in_original_pixels(texture_pair):
 
 def test_hires_is_exact_at_full_resolution(texture_pair):
     """Coarse-to-fine: crops at native resolution give matches exactly on the true shift."""
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     coarse = match_pair(model, *texture_pair, "default")
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     fine = match_pair(model, *texture_pair, "hires")
     assert len(fine) > 3 * len(coarse)
     exact = np.all(fine.xy0 == fine.xy1 + OFFSET, axis=1)
@@ -112,8 +116,8 @@ def test_hires_equals_default_for_small_images(tmp_path):
     tex = np.asarray(Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((480, 360), Image.BICUBIC))
     Image.fromarray(tex[:300, :400]).save(tmp_path / "a.png")
     Image.fromarray(tex[20:320, 30:430]).save(tmp_path / "b.png")
-    a = match_pair(ImageDescriptorModel(), tmp_path / "a.png", tmp_path / "b.png", "default")
-    b = match_pair(ImageDescriptorModel(), tmp_path / "a.png", tmp_path / "b.png", "hires")
+    a = match_pair(ImageDescriptorNetwork(), tmp_path / "a.png", tmp_path / "b.png", "default")
+    b = match_pair(ImageDescriptorNetwork(), tmp_path / "a.png", tmp_path / "b.png", "hires")
     assert len(a) > 0
     assert np.array_equal(a.xy0, b.xy0) and np.array_equal(a.xy1, b.xy1) and np.array_equal(a.scores, b.scores)
 
@@ -123,7 +127,7 @@ def test_hires_with_one_small_image(texture_pair, tmp_path):
     a, _ = texture_pair
     img = Image.open(a)
     img.crop((100, 100, 510, 430)).save(tmp_path / "small.png")  # 410x330 at offset (100, 100) of image a
-    pm = match_pair(ImageDescriptorModel(), a, tmp_path / "small.png", "hires")
+    pm = match_pair(ImageDescriptorNetwork(), a, tmp_path / "small.png", "hires")
     exact = np.all(pm.xy0 == pm.xy1 + 100, axis=1)
     assert len(pm) > 1000 and exact.mean() > 0.9  # crops of a reach beyond what the small image shows
     assert pm.xy1[:, 0].max() < 410 and pm.xy1[:, 1].max() < 330  # in the small image (400x320 crops)
@@ -134,7 +138,7 @@ def test_encodings_are_reused(texture_pair, tmp_path):
     a, b = texture_pair
     c = tmp_path / "c.png"
     Image.open(a).transpose(Image.FLIP_LEFT_RIGHT).save(c)
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     matcher = Matcher(model, "default")
     out = list(matcher.match_pairs([(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]))
     assert [(p.name0, p.name1) for p in out] == [(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]
@@ -187,7 +191,7 @@ def test_hires_decodes_originals_only_for_missing_crops(texture_pair, monkeypatc
     decoded = []
     real = matcher_module.load_original
     monkeypatch.setattr(matcher_module, "load_original", lambda p: decoded.append(p) or real(p))
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     matcher = Matcher(model, "hires")
     first = matcher.match_pair(str(a), str(b))
     assert sorted(decoded) == sorted([str(a), str(b)])
@@ -222,7 +226,7 @@ def test_prefetching_loads_in_background_with_identical_results(texture_pair, tm
     results = {}
     for workers in (0, 2):
         threads.clear()
-        matcher = Matcher(ImageDescriptorModel(), {"num_workers": workers, "batch_size": 1, "image_size": 128},
+        matcher = Matcher(ImageDescriptorNetwork(), {"num_workers": workers, "batch_size": 1, "image_size": 128},
                           image_dir=tmp_path)
         results[workers] = list(matcher.match_pairs(pairs))
         assert len(threads) == 4  # every image decoded once
@@ -244,7 +248,7 @@ def test_prefetching_raises_bad_images_at_their_pair(texture_pair, tmp_path):
 
     a, b = texture_pair
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    matcher = Matcher(ImageDescriptorModel(), {"num_workers": 2, "batch_size": 2})
+    matcher = Matcher(ImageDescriptorNetwork(), {"num_workers": 2, "batch_size": 2})
     results = matcher.match_pairs([(str(a), str(b)), (str(a), str(tmp_path / "broken.jpg")), (str(b), str(a))])
     assert len(next(results)) > 1000
     with pytest.raises(ImageLoadError, match="broken.jpg"):
@@ -255,3 +259,62 @@ def test_prefetching_raises_bad_images_at_their_pair(texture_pair, tmp_path):
     next(early)
     early.close()
     assert not _live_loader_threads()
+
+
+def test_mast3r_is_plugged_in_with_its_settings(small_model):
+    """A MASt3R model is wrapped at the seam; the settings that key stored matches are unchanged."""
+    from mast3r_colmap.matching.dense import MASt3RNetwork
+
+    matcher = Matcher(small_model, "default")
+    assert isinstance(matcher.network, MASt3RNetwork) and matcher.network.device == small_model.device
+    settings = matcher.settings()
+    assert settings["weights"] == small_model.weights_digest()
+    assert settings["model"] == repr(small_model.conf) and settings["precision"] == "torch.float32"
+    assert set(settings) == {"weights", "model", "precision", "image_size", "mode", "subsample", "pixel_tol",
+                             "border", "conf_threshold", "coarse_to_fine", "crop_overlap"}
+
+
+@pytest.fixture(scope="module")
+def synthetic_pair(tmp_path_factory):
+    """Two 320x240 pictures of a synthetic scene, whose true correspondences are known."""
+    scene = SyntheticScene.make(num_cameras=4, image_size=(320, 240), seed=0, kind="planes", arc_deg=40)
+    folder = tmp_path_factory.mktemp("synthetic")
+    for name in scene.names[1:3]:
+        Image.fromarray(scene.render(name)).save(folder / name)
+    return scene, folder, scene.names[1], scene.names[2]
+
+
+def _errors(scene, pm):
+    """Distance of xy1 to the true correspondence of xy0, for the matches whose point is seen in both."""
+    xy1, ok = scene.true_correspondences(pm.name0, pm.name1, pm.xy0)
+    assert ok.mean() > 0.95
+    return np.linalg.norm(pm.xy1 - xy1, axis=1)[ok]
+
+
+def test_hires_on_the_synthetic_scene(synthetic_pair):
+    """The oracle goes through the same coarse-to-fine as MASt3R: 160-px matches (2 original px per network
+    pixel) refined with full-resolution crops, each encoded once and cached."""
+    scene, folder, a, b = synthetic_pair
+    coarse = Matcher(SyntheticNetwork(scene), get_config("default", image_size=160), image_dir=folder).match_pair(a, b)
+    network = SyntheticNetwork(scene)
+    matcher = Matcher(network, get_config("hires", image_size=160), image_dir=folder)
+    fine = matcher.match_pair(a, b)
+    e_coarse, e_fine = _errors(scene, coarse), _errors(scene, fine)
+    assert len(fine) > 2 * len(coarse) > 500
+    assert np.median(e_coarse) > 0.6 and np.median(e_fine) < 0.45  # a full-resolution pixel: 0.38 on average
+    assert np.mean(e_fine > 3) < 0.01                                 # crop pairs that only partly overlap
+    assert np.array_equal(fine.xy0, np.round(fine.xy0)) and np.array_equal(fine.xy1, np.round(fine.xy1))
+    crops = [key for key in network.encoded if key[1] is not None]
+    assert len(crops) > 4 and len(set(network.encoded)) == len(network.encoded) == len(crops) + 2
+    again = matcher.match_pair(a, b)
+    assert len(network.encoded) == len(crops) + 2                    # everything came from the cache
+    np.testing.assert_array_equal(again.xy0, fine.xy0)
+    np.testing.assert_array_equal(again.scores, fine.scores)
+
+
+def test_sfm_preset_on_the_synthetic_scene(synthetic_pair):
+    """Symmetric decoding (both orders) on the oracle: correct matches with MASt3R-SfM's score sqrt(5 * 5)."""
+    scene, folder, a, b = synthetic_pair
+    pm = Matcher(SyntheticNetwork(scene), get_config("sfm", image_size=320), image_dir=folder).match_pair(a, b)
+    assert len(pm) > 500 and np.median(_errors(scene, pm)) < 0.45
+    assert np.mean(pm.scores == 5.0) > 0.95

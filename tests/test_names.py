@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 
 from mast3r_colmap.export import colmap_db
-from mast3r_colmap.matching.matcher import SourceMatcher
+from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.pipeline import PipelineConfig, check_image_names, reconstruct
 from mast3r_colmap.structures import IndexMatches
-from mast3r_colmap.testing.synthetic import SyntheticDescriptorSource, SyntheticScene
+from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
+from mast3r_colmap.verification import verification_options, verify_matches
 from test_export import Scene, build_database, make_scene
 
 PLAIN, ODD = "seq/img", "sub dir/ünï cödé "
@@ -63,10 +64,10 @@ def test_verification_same_as_pycolmap_with_any_names(tmp_path: Path, intrinsics
     ref_pairs = [m.pair for m in plain.matches]
     pairs_file = tmp_path / "pairs.txt"
     pairs_file.write_text("\n".join(f"{a} {b}" for a, b in ref_pairs) + "\n")
-    pycolmap.verify_matches(str(ref_db), str(pairs_file), options=colmap_db._verification_options(None))
+    pycolmap.verify_matches(str(ref_db), str(pairs_file), options=verification_options(None))
 
     pairs = [m.pair for m in odd.matches]
-    result = colmap_db.verify_matches(db, pairs, num_threads=3)
+    result = verify_matches(db, pairs, num_threads=3)
     ref = _geometries(ref_db, ref_pairs)
     ours = _geometries(db, pairs)
     for pair, (ref_config, ref_inliers), (config, inliers) in zip(pairs, ref, ours):
@@ -81,14 +82,14 @@ def test_verification_same_as_pycolmap_with_any_names(tmp_path: Path, intrinsics
     # The comparison can fail: another RANSAC seed changes the inliers of many pairs.
     other = tmp_path / "seed1.db"
     build_database(odd, other, intrinsics)
-    colmap_db.verify_matches(other, pairs, options={"ransac": {"random_seed": 1}}, num_threads=1)
+    verify_matches(other, pairs, options={"ransac": {"random_seed": 1}}, num_threads=1)
     assert sum(a != b for a, b in zip(_geometries(other, pairs), ref)) >= 5
 
     # pairs=None verifies every pair with matches (not the empty one), smaller id first (as
     # pycolmap.geometric_verification does).
     again = tmp_path / "all.db"
     build_database(odd, again, intrinsics)
-    everything = colmap_db.verify_matches(again, None, num_threads=2)
+    everything = verify_matches(again, None, num_threads=2)
     assert {frozenset(p) for p in everything} == {frozenset(p) for k, p in enumerate(pairs) if k != 2}
     assert [g for k, g in enumerate(_geometries(again, pairs)) if k != 2] == ours[:2] + ours[3:]
 
@@ -104,8 +105,7 @@ def test_names_with_spaces_unicode_and_subfolders_end_to_end(tmp_path: Path) -> 
     names = ["a b.jpg", "ünï cödé.jpg", "sub dir/c.jpg", "sub dir/d.jpg", "e.jpg"]
     scene = _renamed_scene(names)
     scene.write_images(tmp_path / "images")
-    matcher = SourceMatcher(SyntheticDescriptorSource(scene, working_size=(160, 120)), "default",
-                            name="synthetic-names")
+    matcher = Matcher(SyntheticNetwork(scene), get_config("default", image_size=160), image_dir=tmp_path / "images")
     config = PipelineConfig(pairs="exhaustive", camera_model="PINHOLE", progress=False)
     result = reconstruct(tmp_path / "images", tmp_path / "database.db", matcher, config,
                          output_dir=tmp_path / "sparse")

@@ -3,7 +3,7 @@
 import pycolmap
 import pytest
 
-from mast3r_colmap.export.colmap_db import DEFAULT_VERIFICATION_OPTIONS, _verification_options
+from mast3r_colmap.verification import DEFAULT_VERIFICATION_OPTIONS, verification_options
 from mast3r_colmap.options import build, merge
 
 
@@ -33,4 +33,4 @@ def test_build_takes_an_options_object_and_sets_only_unset_seeds():
 
 def test_misspelt_verification_option_is_an_error():
     with pytest.raises(ValueError, match="max_eror"):
-        _verification_options({"ransac": {"max_eror": 1.0}})
+        verification_options({"ransac": {"max_eror": 1.0}})

@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import sqlite3
+import tempfile
+import weakref
 from pathlib import Path
 
 import pytest
@@ -22,15 +24,15 @@ from mast3r_colmap import store as store_module  # before pycolmap (see mast3r_c
 import pycolmap  # noqa: E402
 from mast3r_colmap.export import provenance
 from mast3r_colmap.keypoints import KeypointConfig
-from mast3r_colmap.localize import triangulate_reference
+from mast3r_colmap.localization import triangulate_reference
 from mast3r_colmap.mapping import database_from_reconstruction
-from mast3r_colmap.matching.matcher import Matcher, SourceMatcher, get_config
+from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.model.checkpoint import load_model
 from mast3r_colmap.pipeline import (PipelineConfig, database_settings, default_store_path, match_into_store,
                                     reconstruct, remove_run_files)
 from mast3r_colmap.run import main
 from mast3r_colmap.store import MatchStore, config_key
-from mast3r_colmap.testing.synthetic import SyntheticDescriptorSource, SyntheticScene
+from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
 from mast3r_colmap.testing.weights import write_official_pth
 from test_pipeline_synthetic import _database_content
 
@@ -39,15 +41,21 @@ ALL_PAIRS = [(a, b) for i, a in enumerate(NAMES) for b in NAMES[i + 1:]]
 
 
 class CountingMatcher:
-    """A pipeline matcher over the synthetic oracle that records the pairs it is asked to match."""
+    """The Matcher over the synthetic oracle, recording the pairs it is asked to match.
+
+    Its settings leave out the oracle's scene digest: scene B's oracle then stands for the *same*
+    weights as scene A's, so that B's pictures under A's names are new pictures, not new weights.
+    """
 
     def __init__(self, scene: SyntheticScene, conf: str = "default"):
-        self.base = SourceMatcher(SyntheticDescriptorSource(scene, working_size=(160, 120)), conf,
-                                  name="synthetic-resume")
+        folder = tempfile.mkdtemp(prefix="mast3r-resume-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        scene.write_images(folder)  # the oracle describes its own scene's pictures
+        self.base = Matcher(SyntheticNetwork(scene), get_config(conf, image_size=160), image_dir=folder)
         self.matched: list = []
 
     def settings(self):
-        return self.base.settings()
+        return {key: value for key, value in self.base.settings().items() if key != "scene"}
 
     def match_pairs(self, pairs):
         pairs = list(pairs)

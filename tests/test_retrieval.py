@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mast3r_colmap import retrieval as R
+from mast3r_colmap.matching.dense import MASt3RNetwork
 from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.model.mast3r import Encoding
 from mast3r_colmap.pairs import exhaustive, mast3r_sfm_graph, pairs_from_similarity, pairs_from_spec
@@ -305,7 +306,8 @@ def test_pairs_from_similarity_topk():
 # ------------------------------------------------------------------------------------------ with a Matcher
 
 class PatchEncoder(torch.nn.Module):
-    """A stand-in for the MASt3R encoder: each 16x16 patch linearly projected (no context)."""
+    """A stand-in for the MASt3R encoder (plugged in like the model, through MASt3RNetwork): each 16x16
+    patch linearly projected (no context)."""
 
     def __init__(self, dim: int = 32, seed: int = 0):
         super().__init__()
@@ -345,7 +347,7 @@ def texture_views(folder: Path, n_scenes: int = 3, views: int = 4, size=(128, 96
 def test_retrieval_features_from_matcher_with_stub_encoder(tmp_path):
     names, labels = texture_views(tmp_path / "images")
     encoder = PatchEncoder(64)
-    matcher = Matcher(encoder, get_config("default", image_size=128), image_dir=tmp_path / "images")
+    matcher = Matcher(MASt3RNetwork(encoder), get_config("default", image_size=128), image_dir=tmp_path / "images")
     tokens = [matcher.encodings.get_many([(n, None)], [matcher.image(n).img])[0].tokens[0].numpy() for n in names]
     retriever = build_retriever(tmp_path, tokens, 64, k=64, nfeat=40, imsize=128)
     assert tokens[0].shape == (48, 64)

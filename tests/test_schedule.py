@@ -12,7 +12,7 @@ from mast3r_colmap.matching.matcher import Matcher
 from mast3r_colmap.matching.schedule import count_encodings, schedule_groups, schedule_pairs
 from mast3r_colmap.pairs import exhaustive, pairs_from_similarity
 
-from test_matcher import ImageDescriptorModel
+from test_matcher import ImageDescriptorNetwork
 
 
 def test_count_encodings_is_an_lru_simulation():
@@ -94,7 +94,7 @@ def test_the_matcher_cache_follows_the_model(six_images):
     scheduled = schedule_pairs(pairs, 4)
     assert (count_encodings(pairs, 4), count_encodings(scheduled, 4)) == (14, 9)
     for order in (pairs, scheduled):
-        model = ImageDescriptorModel()
+        model = ImageDescriptorNetwork()
         matcher = Matcher(model, {"image_size": 64, "cache_size": 4, "batch_size": 1})
         assert matcher.cache_size == 4
         out = list(matcher.match_pairs(order))
@@ -107,7 +107,7 @@ def test_the_pipeline_matches_in_the_scheduled_order(six_images, tmp_path):
     from mast3r_colmap.store import MatchStore
 
     pairs = exhaustive(six_images)
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     matcher = Matcher(model, {"image_size": 64, "cache_size": 4, "batch_size": 1})
     with MatchStore(tmp_path / "m.sqlite", "k") as store:
         assert match_into_store(matcher, pairs, store, progress=False) == len(pairs)
@@ -144,7 +144,7 @@ def test_images_are_decoded_once_per_encoding(tmp_path, monkeypatch):
     decoded = []
     real_load = matcher_module.load_image
     monkeypatch.setattr(matcher_module, "load_image", lambda *a, **k: decoded.append(a[0]) or real_load(*a, **k))
-    model = ImageDescriptorModel()
+    model = ImageDescriptorNetwork()
     matcher = Matcher(model, {"image_size": 64, "cache_size": 24, "batch_size": 1}, image_dir=tmp_path)
     assert len(list(matcher.match_pairs(pairs))) == len(pairs) == 190
     assert len(decoded) == len(model.encoded) == 20

@@ -1,4 +1,4 @@
-"""Synthetic scenes: rendering, exact correspondences, ideal descriptors, ground truth and scoring."""
+"""Synthetic scenes: rendering, exact correspondences, the oracle network, ground truth and scoring."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mast3r_colmap.matching.dense import DenseView
-from mast3r_colmap.testing.synthetic import (DESC_DIM, SyntheticDescriptorSource, SyntheticScene,
-                                             pixel_grid, pose_errors, umeyama)
+from mast3r_colmap.images import LoadedImage, load_image
+from mast3r_colmap.testing.synthetic import (DESC_DIM, SyntheticNetwork, SyntheticScene, pixel_grid, pose_errors,
+                                             umeyama)
 
 SIZE = (320, 240)
 
@@ -153,37 +153,58 @@ def test_occluded_and_out_of_view_points_are_invalid(box: SyntheticScene) -> Non
 
 # -- ideal descriptors -----------------------------------------------------------------------------
 
-def nn_errors(scene: SyntheticScene, source: SyntheticDescriptorSource, a: str, b: str,
-              n: int = 1500) -> np.ndarray:
-    """Distance (working px) between the descriptor NN in b and the true correspondence of
-    co-visible working pixels of a (brute force over all pixels of b)."""
-    va, vb = source.pair_views(a, b)
-    Hw, Ww = va.shape
-    grid = pixel_grid(Ww, Hw).reshape(-1, 2)
-    xy1, ok = scene.true_correspondences(a, b, va.to_original(grid))
+def encode(network: SyntheticNetwork, images: list) -> list:
+    """The network's encodings of loaded images, given as the Matcher gives them (key, map to original)."""
+    return network.encode(torch.cat([im.img for im in images]), [(im.name, None) for im in images],
+                          [im.to_original for im in images])
+
+
+def loaded(scene: SyntheticScene, folder, names, size: int) -> list:
+    """Write the named pictures and load them as the Matcher does."""
+    for name in names:
+        Image.fromarray(scene.render(name)).save(folder / name)
+    return [load_image(folder / name, size, name=name) for name in names]
+
+
+def nn_errors(scene: SyntheticScene, im_a: LoadedImage, im_b: LoadedImage, n: int = 1500) -> np.ndarray:
+    """Distance (network px) between the descriptor NN in b and the true correspondence of co-visible
+    network pixels of a (brute force over all pixels of b)."""
+    va, vb = encode(SyntheticNetwork(scene), [im_a, im_b])
+    (Wa, Ha), (Wb, Hb) = im_a.network_size, im_b.network_size
+    xy1, ok = scene.true_correspondences(im_a.name, im_b.name, im_a.to_original(pixel_grid(Wa, Ha).reshape(-1, 2)))
     idx = np.random.default_rng(0).choice(np.flatnonzero(ok), n, replace=False)
-    sim = va.desc.reshape(-1, DESC_DIM)[idx] @ vb.desc.reshape(-1, DESC_DIM).T
+    sim = va["desc"].reshape(-1, DESC_DIM)[idx] @ vb["desc"].reshape(-1, DESC_DIM).T
     nn = sim.argmax(dim=1).numpy()
-    scale = np.array(scene.image_size, np.float64) / np.array([Ww, Hw])
-    return np.linalg.norm((vb.to_original(grid[nn]) - xy1[idx]) / scale, axis=1)
+    return np.linalg.norm(pixel_grid(Wb, Hb).reshape(-1, 2)[nn] - im_b.to_network(xy1[idx]), axis=1)
 
 
-def test_descriptor_nearest_neighbour_is_the_true_correspondence(planes: SyntheticScene) -> None:
-    source = SyntheticDescriptorSource(planes)
-    err = nn_errors(planes, source, planes.names[0], planes.names[1])
+def test_descriptor_nearest_neighbour_is_the_true_correspondence(planes: SyntheticScene, tmp_path) -> None:
+    im_a, im_b = loaded(planes, tmp_path, planes.names[:2], 320)
+    assert im_a.network_size == SIZE
+    err = nn_errors(planes, im_a, im_b)
     assert (err <= 1.5).mean() > 0.95
     assert np.median(err) < 0.6
 
 
-def test_descriptor_nn_at_half_working_resolution() -> None:
+def test_descriptor_nn_at_half_network_resolution(tmp_path) -> None:
     scene = SyntheticScene.make(num_cameras=10, image_size=(640, 480), seed=2, kind="box")
-    source = SyntheticDescriptorSource(scene, working_size=(320, 240))
-    view = source.pair_views(scene.names[3], scene.names[4])[0]
-    assert view.shape == (240, 320) and view.original_size == (640, 480)
-    np.testing.assert_allclose(view.to_original(np.array([[0.0, 0.0], [319.0, 239.0], [10.25, 3.5]])),
-                               [[0.5, 0.5], [638.5, 478.5], [21.0, 7.5]])
-    err = nn_errors(scene, source, scene.names[3], scene.names[4])
+    im_a, im_b = loaded(scene, tmp_path, scene.names[3:5], 320)
+    assert im_a.network_size == (320, 240) and im_a.original_size == (640, 480)
+    err = nn_errors(scene, im_a, im_b)
     assert (err <= 1.5).mean() > 0.95
+
+
+def test_network_pixels_follow_the_loaded_image(tmp_path) -> None:
+    """At 160 px a 640x480 picture is resized to 160x120 and cropped to 160x112 (4 rows off the top):
+    network pixel (x, y) is described by the point seen at original ((x + 0.5) * 4 - 0.5, (y + 4.5) * 4 - 0.5)."""
+    scene = SyntheticScene.make(num_cameras=4, image_size=(640, 480), seed=2, kind="box")
+    (im,) = loaded(scene, tmp_path, scene.names[:1], 160)
+    assert im.network_size == (160, 112) and im.crop_offset == (0, 4)
+    desc = encode(SyntheticNetwork(scene), [im])[0]["desc"].numpy()
+    xy = np.array([[150, 100], [40, 90]], np.float64)
+    X, hit, _ = scene.cast(im.name, (xy + [0.5, 4.5]) * 4 - 0.5)
+    assert hit.all()
+    np.testing.assert_allclose(desc[[100, 90], [150, 40]], scene.descriptor_field(X), atol=1e-6)
 
 
 def test_descriptor_similarity_falls_off_with_distance(planes: SyntheticScene) -> None:
@@ -202,33 +223,53 @@ def test_descriptor_similarity_falls_off_with_distance(planes: SyntheticScene) -
     assert sims[2] < 0.95 and sims[3] < 0.8            # a few px apart: distinguishable
 
 
-def test_source_views(box: SyntheticScene) -> None:
-    source = SyntheticDescriptorSource(box, conf_valid=5.0, conf_invalid=0.5)
-    a, b = box.names[0], box.names[1]
-    va, vb = source.pair_views(a, b)
-    assert isinstance(va, DenseView)
-    assert va.desc.dtype == torch.float32 and va.desc.shape == (SIZE[1], SIZE[0], DESC_DIM)
-    assert va.conf.dtype == torch.float32 and va.conf.shape == (SIZE[1], SIZE[0])
-    assert va.original_size == SIZE
-    assert source.pair_views(b, a)[1] is va                        # cached per image
-    np.testing.assert_allclose(va.desc.norm(dim=-1).numpy(), 1.0, atol=1e-5)
-    np.testing.assert_array_equal(va.to_original(np.array([[3.0, 4.0]])), [[3.0, 4.0]])
+def test_network_encodings(box: SyntheticScene, tmp_path) -> None:
+    net = SyntheticNetwork(box, conf_valid=5.0, conf_invalid=0.5)
+    im_a, im_b = loaded(box, tmp_path, box.names[:2], 320)
+    ea, eb = encode(net, [im_a, im_b])
+    assert net.encoded == [(im_a.name, None), (im_b.name, None)]
+    assert ea["desc"].dtype == torch.float32 and ea["desc"].shape == (SIZE[1], SIZE[0], DESC_DIM)
+    assert ea["desc_conf"].dtype == torch.float32 and ea["desc_conf"].shape == (SIZE[1], SIZE[0])
+    np.testing.assert_allclose(ea["desc"].norm(dim=-1).numpy(), 1.0, atol=1e-5)
     # valid pixels: the ideal descriptors and high confidence; sky: random and low confidence
-    X, valid = box.points(a)
+    X, valid = box.points(im_a.name)
     assert 0.2 < (~valid).mean() < 0.8
-    conf = va.conf.numpy()
+    conf = ea["desc_conf"].numpy()
     assert (conf[valid] == 5.0).all() and (conf[~valid] == 0.5).all()
-    np.testing.assert_allclose(va.desc.numpy()[valid], box.descriptor_field(X[valid]), atol=1e-6)
-    sky = ~valid & ~box.points(b)[1]
-    cos = (va.desc.numpy()[sky] * vb.desc.numpy()[sky]).sum(-1)
+    np.testing.assert_allclose(ea["desc"].numpy()[valid], box.descriptor_field(X[valid]), atol=1e-6)
+    sky = ~valid & ~box.points(im_b.name)[1]
+    cos = (ea["desc"].numpy()[sky] * eb["desc"].numpy()[sky]).sum(-1)
     assert np.abs(cos).mean() < 0.3                                 # independent per image
+    # a crop: the pixels of the window at full resolution, its own random sky
+    window = (40, 24, 200, 152)
+    crop = net.describe(im_a.name, window, lambda xy: xy + np.array(window[:2], np.float64), (128, 160))
+    l, t, r, b = window
+    inside = valid[t:b, l:r]
+    np.testing.assert_allclose(crop["desc"].numpy()[inside], ea["desc"].numpy()[t:b, l:r][inside], atol=1e-6)
+    assert not np.allclose(crop["desc"].numpy()[~inside], ea["desc"].numpy()[t:b, l:r][~inside])
+    # decode stacks; the symmetric order is (a, b, b, a); descriptors do not depend on the pair
+    v0, v1 = net.decode([ea, eb], [eb, ea])
+    assert v0["desc"].shape == (2, SIZE[1], SIZE[0], DESC_DIM) and torch.equal(v0["desc"][1], eb["desc"])
+    res = net.decode([ea], [eb], symmetric=True)
+    assert [torch.equal(r["desc"][0], e["desc"]) for r, e in zip(res, (ea, eb, eb, ea))] == [True] * 4
     # deterministic, optional noise keeps unit norm and perturbs a little
-    again = SyntheticDescriptorSource(box).view(a)
-    assert torch.equal(again.desc, va.desc)
-    noisy = SyntheticDescriptorSource(box, noise=0.02).view(a)
-    np.testing.assert_allclose(noisy.desc.norm(dim=-1).numpy(), 1.0, atol=1e-5)
-    cos = (noisy.desc * va.desc).sum(-1).numpy()[valid]
+    assert torch.equal(encode(SyntheticNetwork(box), [im_a])[0]["desc"], ea["desc"])
+    noisy = encode(SyntheticNetwork(box, noise=0.02), [im_a])[0]["desc"]
+    np.testing.assert_allclose(noisy.norm(dim=-1).numpy(), 1.0, atol=1e-5)
+    cos = (noisy * ea["desc"]).sum(-1).numpy()[valid]
     assert 0.97 < cos.mean() < 0.9999
+    with pytest.raises(ValueError, match="map of every image"):
+        net.encode(im_a.img, [(im_a.name, None)], [None])
+
+
+def test_network_settings(box: SyntheticScene, planes: SyntheticScene) -> None:
+    """The settings (keys of stored matches) tell scenes and oracle parameters apart."""
+    settings = SyntheticNetwork(box).settings()
+    assert settings["network"] == "synthetic"
+    assert SyntheticNetwork(SyntheticScene.make(num_cameras=10, image_size=SIZE, seed=1, kind="box")).settings() \
+        == settings
+    assert SyntheticNetwork(planes).settings()["scene"] != settings["scene"]
+    assert SyntheticNetwork(box, noise=0.01).settings() != settings
 
 
 # -- ground truth and scoring ----------------------------------------------------------------------

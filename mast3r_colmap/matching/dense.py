@@ -1,52 +1,87 @@
-"""The seam between descriptor producers and the matching code.
+"""The seam between what produces dense descriptors and the matcher.
 
-A *descriptor source* gives, for an image pair, one :class:`DenseView` per image: dense unit descriptors
-at some working resolution, their confidence, and the exact map from working pixels to original-image
-pixels. The MASt3R network is one source; the synthetic-scene oracle of the tests is another. Both feed
-the very same correspondence extraction, keypoint consolidation, export and mapping code.
+A :class:`DenseNetwork` works in two steps, like MASt3R:
+
+* ``encode`` turns a batch of equal-sized images (or crops) into one encoding per image; the matcher
+  caches it under the key (image name, crop window or None) and reuses it for every pair of that image
+  or window;
+* ``decode`` turns two lists of encodings, the two sides of a batch of pairs, into per-view dense unit
+  descriptors ``desc`` (B, H, W, D) and their confidence ``desc_conf`` (B, H, W) at the resolution of
+  the encoded images: ``(view0, view1)``, or with ``symmetric`` both orders ``(res11, res21, res22,
+  res12)`` (resXY: image X through head Y, as :meth:`~mast3r_colmap.model.mast3r.MASt3R.symmetric`).
+
+Everything else (image loading, the encoding cache, scheduling, batching, fast reciprocal matching,
+filters, coarse-to-fine crops and the map back to original pixels) belongs to the
+:class:`~.matcher.Matcher` and is the same for every network. Two networks plug in here: the MASt3R
+model (through :class:`MASt3RNetwork`) and the synthetic-scene oracle of the tests
+(:class:`~mast3r_colmap.testing.synthetic.SyntheticNetwork`). The oracle describes a pixel by the 3D
+point it sees, so ``encode`` also receives, per image, its cache key and the matcher's own map from
+its pixels to original-image pixels (hloc convention: (0, 0) is the centre of the top-left pixel);
+a real network ignores both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..model.mast3r import Encoding, MASt3R
 
-@dataclass
-class DenseView:
-    """Dense descriptors of one image of a pair.
+#: A crop window (left, top, right, bottom) in original-image pixels, half-open.
+Window = Tuple[int, int, int, int]
+#: What an encoding is cached under: (image name, crop window, or None for the whole network image).
+Key = Tuple[str, Optional[Window]]
+#: Maps (N, 2) float (x, y) pixels of an encoded image to original-image pixels (hloc convention).
+PixelMap = Callable[[np.ndarray], np.ndarray]
+#: Dense predictions of one view of a batch of pairs: ``desc`` (B, H, W, D), ``desc_conf`` (B, H, W).
+Dense = Dict[str, torch.Tensor]
 
-    Attributes:
-        desc: (H, W, D) float32 unit-norm descriptors at the working resolution.
-        conf: (H, W) float32 descriptor confidence (higher is better).
-        to_original: maps (N, 2) float (x, y) working pixels to original-image pixels, both in hloc's
-            convention ((0, 0) is the centre of the top-left pixel).
-        original_size: (W, H) of the original image.
-    """
 
-    desc: torch.Tensor
-    conf: torch.Tensor
-    to_original: Callable[[np.ndarray], np.ndarray]
-    original_size: Tuple[int, int]
+class DenseNetwork(Protocol):
+    """What the :class:`~.matcher.Matcher` asks for dense descriptors (see the module docstring)."""
 
-    def __post_init__(self) -> None:
-        if self.desc.dim() != 3:
-            raise ValueError(f"desc must be (H, W, D), got {tuple(self.desc.shape)}")
-        if tuple(self.conf.shape) != tuple(self.desc.shape[:2]):
-            raise ValueError(f"conf {tuple(self.conf.shape)} does not match desc {tuple(self.desc.shape)}")
+    device: torch.device
+
+    def settings(self) -> Dict[str, Any]:
+        """Everything that determines the descriptors (with the matching settings, it keys stored matches)."""
+        ...
+
+    def encode(self, images: torch.Tensor, keys: Sequence[Key],
+               to_original: Sequence[Optional[PixelMap]]) -> List[Any]:
+        """One encoding per image of a (B, 3, H, W) batch in [-1, 1]; ``keys`` and ``to_original`` say
+        which image or crop each one is and where its pixels lie in the original image."""
+        ...
+
+    def decode(self, enc0: Sequence[Any], enc1: Sequence[Any], symmetric: bool = False) -> Tuple[Dense, ...]:
+        """Descriptors of the pairs ``(enc0[i], enc1[i])`` (each side of one image size)."""
+        ...
+
+
+class MASt3RNetwork:
+    """The MASt3R model as a :class:`DenseNetwork` (descriptor-only decoding; the model's API is untouched)."""
+
+    def __init__(self, model: MASt3R):
+        self.model = model
 
     @property
-    def shape(self) -> Tuple[int, int]:
-        """(H, W) of the working resolution."""
-        return int(self.desc.shape[0]), int(self.desc.shape[1])
+    def device(self) -> torch.device:
+        return self.model.device
 
+    def settings(self) -> Dict[str, Any]:
+        """The weights (their digest, not the checkpoint path, which may be overwritten with new weights),
+        the architecture and the precision."""
+        return {"weights": self.model.weights_digest(), "model": repr(self.model.conf),
+                "precision": str(self.model.amp_dtype or torch.float32)}
 
-class DescriptorSource(Protocol):
-    """Anything that describes image pairs densely."""
+    def encode(self, images: torch.Tensor, keys: Sequence[Key],
+               to_original: Sequence[Optional[PixelMap]]) -> List[Encoding]:
+        enc = self.model.encode(images)  # the pixels say it all
+        return [enc[i] for i in range(images.shape[0])]
 
-    def pair_views(self, name0: str, name1: str) -> Tuple[DenseView, DenseView]:
-        """Dense views of both images of a pair (they may depend on the pair, as with MASt3R)."""
-        ...
+    def decode(self, enc0: Sequence[Encoding], enc1: Sequence[Encoding], symmetric: bool = False) -> Tuple[Dense, ...]:
+        e0, e1 = Encoding.cat(list(enc0)), Encoding.cat(list(enc1))
+        if symmetric:
+            return self.model.symmetric(e0, e1)
+        return self.model.predict(e0, e1, with_pts3d=False)

@@ -12,11 +12,14 @@ Presets (hloc-style ``confs``):
 
 Every image is encoded once and its encoding reused for all its pairs (and every crop once per
 window), through :class:`EncodingCache`.
+
+The descriptors come from a :class:`~.dense.DenseNetwork`: the MASt3R model, or the synthetic-scene
+oracle of the tests; everything else (loading, caching, scheduling, batching, FRM, filters,
+coarse-to-fine and the map back to original pixels) is this module's, the same for both.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import logging
@@ -31,12 +34,11 @@ import numpy as np
 import torch
 
 from ..images import LoadedImage, load_image, load_original
-from ..model.mast3r import Encoding, MASt3R
+from ..model.mast3r import MASt3R
 from ..structures import PairMatches
 from .coarse_to_fine import needs_coarse_to_fine, select_crop_pairs, training_resolution
-from .dense import DenseView, DescriptorSource
-from .extract import (Matches, border_mask, extract_correspondences_nonsym,
-                      extract_correspondences_symmetric)
+from .dense import Dense, DenseNetwork, Key, MASt3RNetwork, PixelMap, Window
+from .extract import Matches, border_mask, extract_correspondences_nonsym, extract_correspondences_symmetric
 
 logger = logging.getLogger(__name__)
 
@@ -93,66 +95,28 @@ def get_config(preset: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
     return base.replace(**overrides) if overrides else base
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """The matcher's resource flags, shared by the command-line tools (see :func:`cli_overrides`)."""
-    parser.add_argument("--batch-size", type=int, default=None, help="pairs per decoder batch (default 8)")
-    parser.add_argument("--cache-size", type=int, default=None,
-                        help="image encodings kept in memory (default 128; 3 MiB each for ViT-L at 512x384)")
-    parser.add_argument("--num-workers", type=int, default=None,
-                        help="threads decoding the images of upcoming pairs (default 2; 0: decode inline)")
-
-
-def cli_overrides(args: argparse.Namespace) -> Dict[str, int]:
-    """The :class:`MatcherConfig` fields set by :func:`add_cli_arguments` flags."""
-    return {key: getattr(args, key) for key in ("batch_size", "cache_size", "num_workers")
-            if getattr(args, key, None) is not None}
-
-
 # ---- dense views -> matches ---------------------------------------------------------------------
 
-def _filter(m: Matches, shape0: Tuple[int, int], shape1: Tuple[int, int], conf: MatcherConfig) -> Matches:
-    keep = border_mask(m.xy1, m.xy2, shape0, shape1, conf.border) & (m.conf >= conf.conf_threshold)
+def _correspondences(preds: Tuple[Dense, ...], i: int, conf: MatcherConfig, symmetric: bool) -> Matches:
+    """Correspondences (network pixels) of pair ``i`` of a decoded batch, border- and confidence-filtered:
+    the COLMAP-export extraction of ``(view0, view1)``, or MASt3R-SfM's of both orders."""
+    if symmetric:
+        m = extract_correspondences_symmetric([r["desc"][i] for r in preds], [r["desc_conf"][i] for r in preds],
+                                              subsample=conf.subsample)
+        shape0, shape1 = preds[0]["desc"].shape[1:3], preds[2]["desc"].shape[1:3]
+    else:
+        p0, p1 = preds
+        m = extract_correspondences_nonsym(p0["desc"][i], p1["desc"][i], p0["desc_conf"][i], p1["desc_conf"][i],
+                                           subsample=conf.subsample, pixel_tol=conf.pixel_tol)
+        shape0, shape1 = p0["desc"].shape[1:3], p1["desc"].shape[1:3]
+    keep = border_mask(m.xy1, m.xy2, tuple(shape0), tuple(shape1), conf.border) & (m.conf >= conf.conf_threshold)
     return m.select(keep)
 
 
-def _extract_nonsym(desc0: torch.Tensor, desc1: torch.Tensor, conf0: torch.Tensor, conf1: torch.Tensor,
-                    conf: MatcherConfig) -> Matches:
-    """COLMAP-export correspondences of two dense maps, border- and confidence-filtered."""
-    m = extract_correspondences_nonsym(desc0, desc1, conf0, conf1, subsample=conf.subsample,
-                                       pixel_tol=conf.pixel_tol)
-    return _filter(m, tuple(desc0.shape[:2]), tuple(desc1.shape[:2]), conf)
-
-
-def match_views(view0: DenseView, view1: DenseView, conf: MatcherConfig = MatcherConfig(),
-                names: Tuple[str, str] = ("image0", "image1")) -> PairMatches:
-    """Correspondences of two dense views (COLMAP-export mode), in original-image pixels."""
-    m = _extract_nonsym(view0.desc, view1.desc, view0.conf, view1.conf, conf)
-    return PairMatches(names[0], names[1], view0.to_original(m.xy1.astype(np.float64)),
-                       view1.to_original(m.xy2.astype(np.float64)), m.conf)
-
-
-def match_pairs_with_source(source: DescriptorSource, pairs: Iterable[Tuple[str, str]],
-                            conf: MatcherConfig = MatcherConfig()) -> Iterator[PairMatches]:
-    """Match pairs with any :class:`DescriptorSource` (the network, or the synthetic oracle of the tests)."""
-    for name0, name1 in pairs:
-        view0, view1 = source.pair_views(name0, name1)
-        yield match_views(view0, view1, conf, (name0, name1))
-
-
-class SourceMatcher:
-    """A pipeline matcher over any :class:`DescriptorSource` (e.g. the synthetic oracle of the tests)."""
-
-    def __init__(self, source: DescriptorSource, conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
-                 name: str = "source"):
-        self.source = source
-        self.conf = get_config(conf)
-        self.name = name
-
-    def settings(self) -> Dict[str, Any]:
-        return {"source": self.name, **_match_settings(self.conf)}
-
-    def match_pairs(self, pairs: Iterable[Tuple[str, str]]) -> Iterator[PairMatches]:
-        return match_pairs_with_source(self.source, pairs, self.conf)
+def _crop_to_original(window: Window) -> PixelMap:
+    """Crop pixels -> original pixels (a crop is cut from the original at full resolution)."""
+    offset = np.array(window[:2], np.float64)
+    return lambda xy: np.asarray(xy, np.float64) + offset
 
 
 def _match_settings(conf: MatcherConfig) -> Dict[str, Any]:
@@ -165,24 +129,31 @@ def _match_settings(conf: MatcherConfig) -> Dict[str, Any]:
 
 # ---- encodings ----------------------------------------------------------------------------------
 
-class EncodingCache:
-    """LRU cache of encoder outputs keyed by (image name, crop window or None)."""
+def _lookup(keys: Sequence[Key], values: Union[Sequence[T], Callable[[Key], T]]) -> Callable[[Key], T]:
+    """The value of a key: ``values`` itself if it is a function of the key, else the one at its position."""
+    return values if callable(values) else dict(zip(keys, values)).__getitem__
 
-    def __init__(self, model: MASt3R, max_items: int = 64):
-        self.model = model
+
+class EncodingCache:
+    """LRU cache of network encodings keyed by (image name, crop window or None)."""
+
+    def __init__(self, network: DenseNetwork, max_items: int = 64):
+        self.network = network
         self.max_items = max_items
-        self._items: "OrderedDict[Any, Encoding]" = OrderedDict()
+        self._items: "OrderedDict[Key, Any]" = OrderedDict()
         self.hits = self.misses = 0
 
-    def get_many(self, keys: Sequence[Any],
-                 images: Union[Sequence[torch.Tensor], Callable[[Any], torch.Tensor]]) -> List[Encoding]:
+    def get_many(self, keys: Sequence[Key], images: Union[Sequence[torch.Tensor], Callable[[Key], torch.Tensor]],
+                 to_original: Union[Sequence[PixelMap], Callable[[Key], PixelMap], None] = None) -> List[Any]:
         """Encodings for ``keys``; images of missing keys are encoded in batches of equal size.
 
         ``images`` are the (1, 3, H, W) images of the keys, or a function of the key that returns
-        one (called only for the keys that miss).
+        one (called only for the keys that miss); ``to_original`` their maps to original pixels, in
+        the same forms (None: for a network that needs only the pixels, such as MASt3R).
         """
-        image_of = images if callable(images) else dict(zip(keys, images)).__getitem__
-        missing: Dict[Any, torch.Tensor] = {}
+        image_of = _lookup(keys, images)
+        map_of = _lookup(keys, to_original) if to_original is not None else (lambda key: None)
+        missing: Dict[Key, torch.Tensor] = {}
         for key in keys:
             if key in self._items or key in missing:
                 if key in self._items:
@@ -191,38 +162,37 @@ class EncodingCache:
             else:
                 missing[key] = image_of(key)
                 self.misses += 1
-        by_shape: Dict[Tuple[int, int], List[Any]] = {}
+        by_shape: Dict[Tuple[int, int], List[Key]] = {}
         for key, img in missing.items():
             by_shape.setdefault(tuple(img.shape[-2:]), []).append(key)
-        new: Dict[Any, Encoding] = {}
+        new: Dict[Key, Any] = {}
         for group in by_shape.values():
-            batch = torch.cat([missing[k] for k in group]).to(self.model.device)
-            enc = self.model.encode(batch)
-            for i, key in enumerate(group):
-                new[key] = enc[i]
-        out = [self._items.get(k) or new[k] for k in keys]
-        for key, enc in new.items():
-            self._items[key] = enc
+            batch = torch.cat([missing[k] for k in group]).to(self.network.device)
+            new.update(zip(group, self.network.encode(batch, group, [map_of(k) for k in group])))
+        out = [self._items[k] if k in self._items else new[k] for k in keys]
+        self._items.update(new)
         while len(self._items) > self.max_items:
             self._items.popitem(last=False)
         return out
 
 
-# ---- the MASt3R matcher -------------------------------------------------------------------------
+# ---- the matcher --------------------------------------------------------------------------------
 
 ImageLike = Union[str, os.PathLike, LoadedImage]
 
 
 class Matcher:
-    """MASt3R pair matcher with an encoding cache, batching and the presets of :data:`confs`."""
+    """Pair matcher over a :class:`~.dense.DenseNetwork` (or a MASt3R model) with an encoding cache,
+    batching and the presets of :data:`confs`."""
 
-    def __init__(self, model: MASt3R, conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
+    def __init__(self, network: Union[DenseNetwork, MASt3R],
+                 conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default",
                  image_dir: Optional[Union[str, os.PathLike]] = None, checkpoint: str = ""):
-        self.model = model
+        self.network: DenseNetwork = MASt3RNetwork(network) if isinstance(network, MASt3R) else network
         self.checkpoint = checkpoint  # where the weights came from (settings() keys their digest)
         self.conf = get_config(conf)
         self.image_dir = image_dir
-        self.encodings = EncodingCache(model, self.conf.cache_size)
+        self.encodings = EncodingCache(self.network, self.conf.cache_size)
         self._images: "OrderedDict[str, LoadedImage]" = OrderedDict()
         self._prefetched: Dict[str, "Future[LoadedImage]"] = {}
 
@@ -232,19 +202,20 @@ class Matcher:
         return self.conf.cache_size
 
     def settings(self) -> Dict[str, Any]:
-        """What determines the matches: the weights (their digest, not the checkpoint path, which may
-        be overwritten with new weights), architecture, precision and matching settings."""
-        return {"weights": self.model.weights_digest(), "model": repr(self.model.conf),
-                "precision": str(self.model.amp_dtype or torch.float32), **_match_settings(self.conf)}
+        """What determines the matches: the network's settings (for MASt3R: the weights digest,
+        architecture and precision) and the matching settings."""
+        return {**self.network.settings(), **_match_settings(self.conf)}
 
     @torch.inference_mode()
     def global_descriptors(self, names: Sequence[str]) -> np.ndarray:
-        """(N, C) retrieval descriptors pooled from the encoder tokens (encodings stay cached)."""
+        """(N, C) retrieval descriptors pooled from the MASt3R encoder tokens (encodings stay cached)."""
         from ..model.pooling import global_descriptor_from_tokens
 
+        if not isinstance(self.network, MASt3RNetwork):
+            raise TypeError(f"global descriptors need the MASt3R encoder, not {type(self.network).__name__}")
         out = []
         for image in self.images(names):
-            enc = self.encodings.get_many([(image.name, None)], [image.img])[0]
+            enc = self.encodings.get_many([(image.name, None)], [image.img], [image.to_original])[0]
             out.append(global_descriptor_from_tokens(enc.tokens[0].float()).cpu().numpy())
         return np.stack(out)
 
@@ -305,29 +276,22 @@ class Matcher:
 
     # descriptors
     @torch.inference_mode()
-    def _describe(self, images0: List[LoadedImage], images1: List[LoadedImage]):
-        """Descriptor-only predictions for a batch of pairs of equal shapes."""
-        enc0 = self.encodings.get_many([(im.name, None) for im in images0], [im.img for im in images0])
-        enc1 = self.encodings.get_many([(im.name, None) for im in images1], [im.img for im in images1])
-        e0, e1 = Encoding.cat(enc0), Encoding.cat(enc1)
-        if self.conf.mode == "symmetric":
-            return self.model.symmetric(e0, e1)
-        return self.model.predict(e0, e1, with_pts3d=False)
+    def _decode(self, keys0: Sequence[Key], keys1: Sequence[Key], images: Callable[[Key], torch.Tensor],
+                to_original: Callable[[Key], PixelMap], symmetric: bool) -> Tuple[Dense, ...]:
+        """Descriptors of the pairs (keys0[i], keys1[i]), each side of one size, through the encoding cache."""
+        enc0 = self.encodings.get_many(keys0, images, to_original)
+        enc1 = self.encodings.get_many(keys1, images, to_original)
+        return self.network.decode(enc0, enc1, symmetric)
 
     def _coarse(self, batch: List[Tuple[LoadedImage, LoadedImage]]) -> List[PairMatches]:
-        preds = self._describe([a for a, _ in batch], [b for _, b in batch])
+        loaded = {(im.name, None): im for pair in batch for im in pair}
+        symmetric = self.conf.mode == "symmetric"
+        preds = self._decode([(a.name, None) for a, _ in batch], [(b.name, None) for _, b in batch],
+                             lambda key: loaded[key].img, lambda key: loaded[key].to_original, symmetric)
         out = []
         for i, (im0, im1) in enumerate(batch):
-            if self.conf.mode == "symmetric":
-                m = extract_correspondences_symmetric([r["desc"][i] for r in preds],
-                                                      [r["desc_conf"][i] for r in preds],
-                                                      subsample=self.conf.subsample)
-                m = _filter(m, tuple(im0.true_shape[0].tolist()), tuple(im1.true_shape[0].tolist()), self.conf)
-            else:
-                p0, p1 = preds
-                m = _extract_nonsym(p0["desc"][i], p1["desc"][i], p0["desc_conf"][i], p1["desc_conf"][i], self.conf)
-            out.append(PairMatches(im0.name, im1.name, im0.to_original(m.xy1.astype(np.float64)),
-                                   im1.to_original(m.xy2.astype(np.float64)), m.conf))
+            m = _correspondences(preds, i, self.conf, symmetric)
+            out.append(PairMatches(im0.name, im1.name, im0.to_original(m.xy1), im1.to_original(m.xy2), m.conf))
         return out
 
     def match_pairs(self, pairs: Iterable[Tuple[ImageLike, ImageLike]]) -> Iterator[PairMatches]:
@@ -378,37 +342,34 @@ class Matcher:
             logger.debug("%s/%s: no crop pair covers the coarse matches, keeping them", im0.name, im1.name)
             return coarse
         originals = _LazyOriginals({im0.name: im0.path, im1.name: im1.path})
-        parts: List[Matches] = []
+        parts: List[PairMatches] = []
         for start in range(0, len(crops), self.conf.batch_size):
             chunk = crops[start:start + self.conf.batch_size]
             parts.extend(self._match_crops(im0.name, im1.name, originals, chunk))
-        xy0 = np.concatenate([p.xy1 for p in parts]).astype(np.float64)
-        xy1 = np.concatenate([p.xy2 for p in parts]).astype(np.float64)
-        scores = np.concatenate([p.conf for p in parts])
-        xy0, xy1, scores = _unique_best(xy0, xy1, scores)
+        xy0, xy1, scores = _unique_best(np.concatenate([p.xy0 for p in parts]),
+                                        np.concatenate([p.xy1 for p in parts]),
+                                        np.concatenate([p.scores for p in parts]))
         logger.debug("%s/%s: %d coarse -> %d fine matches from %d crop pairs",
                      im0.name, im1.name, len(coarse), len(scores), len(crops))
         return PairMatches(im0.name, im1.name, xy0, xy1, scores)
 
-    @torch.inference_mode()
     def _match_crops(self, name0: str, name1: str, originals: "_LazyOriginals",
-                     crops: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]]) -> List[Matches]:
-        def cut(key):  # key = (image name, (l, t, r, b)); only called for crops whose encoding misses
+                     crops: Sequence[Tuple[Window, Window]]) -> List[PairMatches]:
+        def cut(key: Key) -> torch.Tensor:  # only called for crops whose encoding misses
             name, (l, t, r, b) = key
             return originals[name][..., t:b, l:r]
 
         groups: Dict[Tuple, List[int]] = {}
         for i, (w0, w1) in enumerate(crops):  # crops of equal sizes share a decoder batch
             groups.setdefault(((w0[3] - w0[1], w0[2] - w0[0]), (w1[3] - w1[1], w1[2] - w1[0])), []).append(i)
-        results: Dict[int, Matches] = {}
+        results: Dict[int, PairMatches] = {}
         for idx in groups.values():
-            enc0 = self.encodings.get_many([(name0, crops[i][0]) for i in idx], cut)
-            enc1 = self.encodings.get_many([(name1, crops[i][1]) for i in idx], cut)
-            p0, p1 = self.model.predict(Encoding.cat(enc0), Encoding.cat(enc1), with_pts3d=False)
+            preds = self._decode([(name0, crops[i][0]) for i in idx], [(name1, crops[i][1]) for i in idx], cut,
+                                 lambda key: _crop_to_original(key[1]), symmetric=False)
             for j, i in enumerate(idx):
-                (l0, t0, r0, b0), (l1, t1, r1, b1) = crops[i]
-                m = _extract_nonsym(p0["desc"][j], p1["desc"][j], p0["desc_conf"][j], p1["desc_conf"][j], self.conf)
-                results[i] = Matches(m.xy1 + np.array([l0, t0]), m.xy2 + np.array([l1, t1]), m.conf)
+                m = _correspondences(preds, j, self.conf, symmetric=False)
+                results[i] = PairMatches(name0, name1, _crop_to_original(crops[i][0])(m.xy1),
+                                         _crop_to_original(crops[i][1])(m.xy2), m.conf)
         return [results[i] for i in range(len(crops))]
 
 
@@ -445,8 +406,8 @@ def _unique_best(xy0: np.ndarray, xy1: np.ndarray, scores: np.ndarray):
     return xy0[keep], xy1[keep], scores[keep]
 
 
-def match_pair(model: MASt3R, image0: ImageLike, image1: ImageLike,
+def match_pair(network: Union[DenseNetwork, MASt3R], image0: ImageLike, image1: ImageLike,
                conf: Union[str, MatcherConfig, Mapping[str, Any]] = "default") -> PairMatches:
     """Match two images (paths or :class:`LoadedImage`) with a preset; matches are in original-image
     pixels (hloc convention: (0, 0) is the centre of the top-left pixel), with scores."""
-    return Matcher(model, conf).match_pair(image0, image1)
+    return Matcher(network, conf).match_pair(image0, image1)

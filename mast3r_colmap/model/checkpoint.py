@@ -37,8 +37,8 @@ _IGNORED = {"mask_token"}
 _CONSTRUCTORS = {"AsymmetricMASt3R"}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read or matched to the network."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, read or matched to the network (bad input: a ValueError)."""
 
 
 # ---- constructor string -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from ..utils import text_records
+from ..utils import atomic_write_text, text_records
 from .common import Pair
 
 __all__ = ["read_pairs", "write_pairs"]
@@ -64,7 +64,6 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[tuple[str, str]]) -> No
             if not isinstance(name, str) or not name or _WS.search(name):
                 raise ValueError(f"pair #{k} {pair!r}: names must be non-empty strings without whitespace")
         lines.append(f"{pair[0]} {pair[1]}")
-    with open(Path(path), "w", encoding="utf-8", newline="\n") as f:
-        f.write("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))  # hloc never reads a half-written pairs file
     logger.debug("wrote %d pairs to %s", len(lines), path)
 

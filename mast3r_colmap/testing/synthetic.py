@@ -6,9 +6,10 @@ cameras with known intrinsics and poses. Everything is derived by exact, vectori
 * :meth:`SyntheticScene.render` colours every pixel with a texture that is a deterministic function of
   the 3D point it sees, so all views are photometrically consistent;
 * :func:`descriptor_field` maps a 3D point to an ideal unit descriptor (random Fourier features), and
-  :class:`SyntheticDescriptorSource` serves them through the :class:`~mast3r_colmap.matching.dense.
-  DescriptorSource` seam, so the real matching, consolidation, database, verification and mapping code
-  can be tested end to end with known answers;
+  :class:`SyntheticNetwork` serves them where the MASt3R network plugs into the
+  :class:`~mast3r_colmap.matching.matcher.Matcher` (the :class:`~mast3r_colmap.matching.dense.DenseNetwork`
+  seam), so the real image loading, caching, batching, matching, coarse-to-fine, consolidation,
+  database, verification and mapping code can be tested end to end with known answers;
 * :meth:`SyntheticScene.reconstruction` and :func:`pose_errors` give the ground truth and the score.
 
 Conventions
@@ -24,10 +25,11 @@ here, ``x_hloc = f * X / Z + cx - 0.5`` with COLMAP's ``cx = W / 2``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycolmap
@@ -35,7 +37,7 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from ..matching.dense import DenseView
+from ..matching.dense import Key, PixelMap, Window
 
 #: Dimension of the ideal descriptors.
 DESC_DIM = 24
@@ -471,67 +473,78 @@ def descriptor_field(scene: SyntheticScene, X: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# The oracle descriptor source
+# The oracle network
 # ------------------------------------------------------------------------------------------------
 
-class SyntheticDescriptorSource:
-    """A :class:`~mast3r_colmap.matching.dense.DescriptorSource` serving ideal descriptors.
+class SyntheticNetwork:
+    """The scene's oracle as a :class:`~mast3r_colmap.matching.dense.DenseNetwork`: with it, the
+    :class:`~mast3r_colmap.matching.matcher.Matcher` loads, caches, batches, matches and refines
+    exactly as it does with MASt3R.
 
-    Working pixel (x, y) (hloc convention) is the original pixel
-    ``((x + 0.5) * W / Ww - 0.5, (y + 0.5) * H / Hw - 0.5)``; the 3D point X is cast exactly there and
-    described by ``scene.descriptor_field(field_scale * X)``. The default ``field_scale = Ww / W``
-    keeps the descriptor wavelength constant in *working* pixels (a network at lower resolution sees
-    coarser detail), so the nearest neighbours stay as accurate in working pixels as at full size.
-    Pixels that see no surface get random unit descriptors (independent per image) and
-    ``conf_invalid``; the others ``conf_valid``. With ``noise > 0`` Gaussian noise of that standard
-    deviation per component (the components of a unit descriptor have an RMS of 0.2) is added,
-    deterministically per image, before re-normalising. Views do not depend on the pair and are
-    cached per image.
+    ``encode`` ignores the pixel values: each pixel of an image or crop is described by the 3D point X
+    seen at the original-image position the matcher maps it to (its ``to_original``, so coarse images
+    and coarse-to-fine crops follow the matcher's own geometry), as ``scene.descriptor_field(field_scale
+    * X)`` with confidence ``conf_valid``. With the default ``field_scale = 1`` the finest descriptor
+    wavelength is the scene's ``desc_wavelength_px`` original pixels (8 network pixels at half
+    resolution). Pixels that see no surface get random unit descriptors (deterministic per image and
+    window, independent between images) and ``conf_invalid``. With ``noise > 0`` Gaussian noise of that
+    standard deviation per component (a unit descriptor's components have an RMS of 0.2) is added,
+    deterministically, before re-normalising. ``decode`` stacks the encodings: a view's descriptors
+    do not depend on the other view, nor on the order. ``encoded`` lists the keys encoded so far.
     """
 
-    def __init__(self, scene: SyntheticScene, working_size: Optional[Tuple[int, int]] = None,
-                 conf_valid: float = 5.0, conf_invalid: float = 0.5, noise: float = 0.0,
-                 field_scale: Optional[float] = None) -> None:
+    device = torch.device("cpu")
+
+    def __init__(self, scene: SyntheticScene, conf_valid: float = 5.0, conf_invalid: float = 0.5,
+                 noise: float = 0.0, field_scale: float = 1.0) -> None:
         self.scene = scene
-        self.working_size: Tuple[int, int] = (
-            (int(working_size[0]), int(working_size[1])) if working_size is not None
-            else scene.image_size)
-        self.field_scale = (float(field_scale) if field_scale is not None
-                            else self.working_size[0] / scene.image_size[0])
         self.conf_valid = float(conf_valid)
         self.conf_invalid = float(conf_invalid)
         self.noise = float(noise)
-        self._cache: Dict[str, DenseView] = {}
+        self.field_scale = float(field_scale)
+        self.encoded: List[Key] = []
 
-    def to_original(self, xy: np.ndarray) -> np.ndarray:
-        """Working pixels (N, 2) -> original pixels (N, 2), both hloc."""
-        (W, H), (Ww, Hw) = self.scene.image_size, self.working_size
-        scale = np.array([W / Ww, H / Hw])
-        return (np.asarray(xy, np.float64) + 0.5) * scale - 0.5
+    def settings(self) -> Dict[str, Any]:
+        """The oracle's parameters and a digest of the scene (its images, cameras and descriptor field)."""
+        digest = hashlib.sha256("\n".join(self.scene.names).encode("utf-8"))
+        for array in (self.scene.rotations, self.scene.centers, self.scene.focals, self.scene.descriptors.freq,
+                      self.scene.descriptors.phase, np.asarray(self.scene.image_size)):
+            digest.update(np.ascontiguousarray(array, np.float64).tobytes())
+        return {"network": "synthetic", "scene": digest.hexdigest()[:16], "conf_valid": self.conf_valid,
+                "conf_invalid": self.conf_invalid, "noise": self.noise, "field_scale": self.field_scale}
 
-    def view(self, name: str) -> DenseView:
-        """Dense view of one image (cached)."""
-        if name not in self._cache:
-            Ww, Hw = self.working_size
-            xy = self.to_original(pixel_grid(Ww, Hw).reshape(-1, 2))
-            X, valid, _ = self.scene.cast(name, xy)
-            desc = np.empty((len(xy), DESC_DIM), np.float32)
-            desc[valid] = self.scene.descriptors(self.field_scale * X[valid])
-            rng = np.random.default_rng([self.scene.seed, self.scene.index(name), 7919])
-            desc[~valid] = rng.standard_normal((int((~valid).sum()), DESC_DIM))
-            if self.noise > 0:
-                desc += self.noise * rng.standard_normal(desc.shape, dtype=np.float32)
-            desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-            conf = np.where(valid, self.conf_valid, self.conf_invalid)
-            self._cache[name] = DenseView(
-                desc=torch.from_numpy(desc.reshape(Hw, Ww, DESC_DIM).astype(np.float32)),
-                conf=torch.from_numpy(conf.reshape(Hw, Ww).astype(np.float32)),
-                to_original=self.to_original, original_size=self.scene.image_size)
-        return self._cache[name]
+    def encode(self, images: torch.Tensor, keys: Sequence[Key],
+               to_original: Sequence[Optional[PixelMap]]) -> List[Dict[str, torch.Tensor]]:
+        """Per image ``{"desc": (H, W, 24), "desc_conf": (H, W)}`` float32 (see the class docstring)."""
+        if any(m is None for m in to_original):
+            raise ValueError("the synthetic network needs the map of every image to original pixels")
+        height, width = images.shape[-2:]
+        self.encoded.extend(keys)
+        return [self.describe(name, window, to_map, (height, width))
+                for (name, window), to_map in zip(keys, to_original)]
 
-    def pair_views(self, name0: str, name1: str) -> Tuple[DenseView, DenseView]:
-        """Dense views of both images of a pair."""
-        return self.view(name0), self.view(name1)
+    def describe(self, name: str, window: Optional[Window], to_original: PixelMap,
+                 shape: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+        """Dense descriptors of one (H, W) image or crop of ``name`` (``window``: None or the crop)."""
+        H, W = shape
+        X, valid, _ = self.scene.cast(name, to_original(pixel_grid(W, H).reshape(-1, 2)))
+        desc = np.empty((H * W, DESC_DIM), np.float32)
+        desc[valid] = self.scene.descriptors(self.field_scale * X[valid])
+        rng = np.random.default_rng([self.scene.seed, self.scene.index(name), 7919, *(window or ())])
+        desc[~valid] = rng.standard_normal((int((~valid).sum()), DESC_DIM))
+        if self.noise > 0:
+            desc += self.noise * rng.standard_normal(desc.shape, dtype=np.float32)
+        desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+        confidence = np.where(valid, self.conf_valid, self.conf_invalid).astype(np.float32)
+        return {"desc": torch.from_numpy(desc.reshape(H, W, DESC_DIM)),
+                "desc_conf": torch.from_numpy(confidence.reshape(H, W))}
+
+    def decode(self, enc0: Sequence[Dict[str, torch.Tensor]], enc1: Sequence[Dict[str, torch.Tensor]],
+               symmetric: bool = False) -> Tuple[Dict[str, torch.Tensor], ...]:
+        """The encodings of each side stacked: ``(view0, view1)``, or ``(view0, view1, view1, view0)``."""
+        view0 = {k: torch.stack([e[k] for e in enc0]) for k in ("desc", "desc_conf")}
+        view1 = {k: torch.stack([e[k] for e in enc1]) for k in ("desc", "desc_conf")}
+        return (view0, view1, view1, view0) if symmetric else (view0, view1)
 
 
 # ------------------------------------------------------------------------------------------------
