@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pycolmap
+import pytest
 
 from mast3r_colmap.images import list_images
 from mast3r_colmap.run import EXIT_NO_MODEL, main
@@ -15,6 +16,7 @@ from mast3r_colmap.run import EXIT_NO_MODEL, main
 EXAMPLE = Path(__file__).parents[1] / "examples" / "sacre_coeur" / "images"
 
 
+@pytest.mark.slow
 def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys):
     db = tmp_path / "database.db"
     code = main([str(EXAMPLE), str(db), "--checkpoint", str(small_pth), "--pairs", "sequential:2",

@@ -93,6 +93,7 @@ def test_default_matches_in_original_pixels(texture_pair):
     assert (pm.xy0[:, 1] >= 0).all() and (pm.xy0[:, 1] <= 599).all()
 
 
+@pytest.mark.slow
 def test_hires_is_exact_at_full_resolution(texture_pair):
     """Coarse-to-fine: crops at native resolution give matches exactly on the true shift."""
     model = ImageDescriptorNetwork()
@@ -122,6 +123,7 @@ def test_hires_equals_default_for_small_images(tmp_path):
     assert np.array_equal(a.xy0, b.xy0) and np.array_equal(a.xy1, b.xy1) and np.array_equal(a.scores, b.scores)
 
 
+@pytest.mark.slow
 def test_hires_with_one_small_image(texture_pair, tmp_path):
     """A large image with a small one (410x330): the small one's crop is the image cut to multiples of 16."""
     a, _ = texture_pair
@@ -183,6 +185,7 @@ def test_sfm_preset_equals_symmetric_extraction(small_model):
     np.testing.assert_array_equal(pm.scores, m.conf[keep])
 
 
+@pytest.mark.slow
 def test_hires_decodes_originals_only_for_missing_crops(texture_pair, monkeypatch):
     """A pair matched again with its crop encodings cached decodes no full-resolution image."""
     import mast3r_colmap.matching.matcher as matcher_module

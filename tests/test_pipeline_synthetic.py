@@ -95,6 +95,7 @@ def test_hloc_h5_route(scene_run, tmp_path):
     _check_poses(rec, scene)
 
 
+@pytest.mark.slow
 def test_global_mapping(scene_run, tmp_path):
     scene, root, _, _ = scene_run
     db = tmp_path / "database.db"
@@ -104,6 +105,7 @@ def test_global_mapping(scene_run, tmp_path):
     _check_poses(rec, scene)
 
 
+@pytest.mark.slow
 def test_hires_end_to_end(tmp_path):
     """Coarse-to-fine end to end: 256x192 pictures matched at 128 px, refined with full-resolution crops.
 
@@ -195,6 +197,7 @@ def _database_content(path: Path) -> dict:
         return out
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_RUN_SCRIPT)
