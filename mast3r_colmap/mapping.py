@@ -58,7 +58,6 @@ __all__ = [
     "check_output",
     "database_from_reconstruction",
     "default_output_dir",
-    "global_",
     "global_mapping",
     "incremental",
     "load_reference",
@@ -321,7 +320,6 @@ def global_mapping(
 
 
 #: Short alias.
-global_ = global_mapping
 
 
 def database_from_reconstruction(

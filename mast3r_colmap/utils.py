@@ -17,6 +17,7 @@ temp folder and raw ``E20260101 12:00:00 ... sfm.cc:310] ...`` lines to stderr. 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -39,20 +40,26 @@ def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
                 yield f"{path}:{lineno}", line.split()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` through a temporary file in the same folder and
-    ``os.replace``: readers see the old file or the new one, never a part; the temporary file is removed on
-    failure. Returns ``path``."""
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; moved onto ``path`` with ``os.replace`` when the block
+    ends normally (readers see the old file or the new one, never a part), removed otherwise."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically (:func:`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+    return Path(path)
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder", create: bool = True) -> None:

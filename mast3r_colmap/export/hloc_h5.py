@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import h5py
 import numpy as np
 
 from ..structures import ImageKeypoints, IndexMatches
+from ..utils import atomic_replace
 
 __all__ = [
     "list_h5_names",
@@ -65,18 +65,12 @@ def _open_for_write(path: str | os.PathLike, replace: bool = False) -> Iterator[
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.exists() and not replace:
+    keep = path.exists() and not replace
+    with atomic_replace(path) as tmp:
+        if keep:
             shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "a" if path.exists() and not replace else "w", libver="latest") as f:
+        with h5py.File(tmp, "a" if keep else "w", libver="latest") as f:
             yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _replace_group(f: h5py.File, key: str) -> h5py.Group:
