@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,10 +26,12 @@ __all__ = [
     "CAMERA_MODES",
     "DEFAULT_FOCAL_LENGTH_FACTOR",
     "ImageInfo",
+    "camera_from_tokens",
     "camera_group_key",
     "make_camera",
     "normalise_camera_mode",
     "parse_intrinsics",
+    "read_camera_list",
     "read_image_info",
 ]
 
@@ -44,13 +46,12 @@ DEFAULT_FOCAL_LENGTH_FACTOR = 1.2
 
 _DIAGONAL_35MM = 43.27  # mm, the constant COLMAP uses (hypot(36, 24) = 43.267)
 _EXIF_IFD = 0x8769
-_TAG_ORIENTATION = 0x0112
 _TAG_FOCAL_LENGTH = 0x920A
 _TAG_FOCAL_LENGTH_35MM = 0xA405
 
 
 class ImageInfo:
-    """Size (after EXIF orientation) and EXIF focal prior of one image file."""
+    """Stored size (EXIF orientation ignored, as in COLMAP) and EXIF focal prior of one image file."""
 
     __slots__ = ("width", "height", "focal", "focal_source")
 
@@ -75,7 +76,8 @@ def _rational(value: Any) -> float | None:
 def read_image_info(path: str | os.PathLike) -> ImageInfo:
     """Read an image's size and focal prior from its header without decoding the pixels.
 
-    The size is the one after applying the EXIF orientation (the frame in which keypoints live).
+    The size is the stored one, ignoring the EXIF orientation, as ``pycolmap.import_images`` reads it
+    (the frame in which keypoints live, see :mod:`~mast3r_colmap.images`).
     The focal prior, in pixels, comes from
 
     1. ``FocalLengthIn35mmFilm``: ``f35 * hypot(W, H) / 43.27`` (COLMAP's diagonal rule), or
@@ -90,8 +92,6 @@ def read_image_info(path: str | os.PathLike) -> ImageInfo:
             exif = im.getexif()
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot read image {str(path)!r}: {exc}") from exc
-    if exif.get(_TAG_ORIENTATION) in (5, 6, 7, 8):
-        width, height = height, width
     sub = exif.get_ifd(_EXIF_IFD) if exif else {}
     f35 = _rational(sub.get(_TAG_FOCAL_LENGTH_35MM, exif.get(_TAG_FOCAL_LENGTH_35MM)))
     if f35 is not None:
@@ -108,7 +108,10 @@ def read_image_info(path: str | os.PathLike) -> ImageInfo:
     return ImageInfo(width, height, None, "none")
 
 
-def normalise_camera_mode(camera_mode: str) -> str:
+def normalise_camera_mode(camera_mode: str | pycolmap.CameraMode) -> str:
+    """One of :data:`CAMERA_MODES` from a name (any case, ``_`` or ``-``) or a ``pycolmap.CameraMode``."""
+    if isinstance(camera_mode, pycolmap.CameraMode):
+        camera_mode = camera_mode.name  # AUTO, SINGLE, PER_FOLDER, PER_IMAGE
     mode = str(camera_mode).strip().lower().replace("_", "-")
     if mode not in CAMERA_MODES:
         raise ValueError(f"unknown camera_mode {camera_mode!r}; expected one of {', '.join(CAMERA_MODES)}")
@@ -154,3 +157,51 @@ def camera_group_key(mode: str, name: str, info: ImageInfo | None = None) -> Any
     if mode == "per-folder":
         return str(PurePosixPath(name).parent)
     return name
+
+
+def camera_from_tokens(tokens: Sequence[str], where: str) -> pycolmap.Camera:
+    """A camera from ``MODEL WIDTH HEIGHT PARAMS...`` (COLMAP's convention); ValueError naming ``where``."""
+    model = tokens[0]
+    if model not in pycolmap.CameraModelId.__members__ or model == "INVALID":
+        raise ValueError(f"{where}: unknown camera model {model!r}")
+    try:
+        width, height = int(tokens[1]), int(tokens[2])
+        params = [float(p) for p in tokens[3:]]
+    except (IndexError, ValueError):
+        raise ValueError(f"{where}: expected 'name MODEL WIDTH HEIGHT PARAMS...'") from None
+    if width <= 0 or height <= 0 or not all(np.isfinite(params)):
+        raise ValueError(f"{where}: bad image size or parameters")
+    expected = len(pycolmap.Camera.create_from_model_name(0, model, 1.0, width, height).params)
+    if len(params) != expected:
+        raise ValueError(f"{where}: camera model {model} takes {expected} parameters, got {len(params)}")
+    return pycolmap.Camera(model=model, width=width, height=height, params=params)
+
+
+def read_camera_list(paths: str | os.PathLike | Iterable[str | os.PathLike], what: str = "camera list",
+                     require_camera: bool = False) -> dict[str, pycolmap.Camera | None]:
+    """Read hloc's image lists with intrinsics (``*_queries_with_intrinsics.txt``): ``name MODEL W H
+    params...`` per line, into ``{name: camera}``.
+
+    A line holding only a name maps to ``None`` (refused with ``require_camera``). Blank lines and ``#``
+    comments are skipped; several files are read in the given order.
+
+    Raises:
+        ValueError: a missing file (called ``what`` in the message), a malformed line, an unknown model, a
+            wrong number of parameters or a repeated name (the message names the file and line).
+    """
+    from .utils import text_records
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: dict[str, pycolmap.Camera | None] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{what} {str(path)!r} does not exist")
+        for where, tokens in text_records(path):
+            if tokens[0] in out:
+                raise ValueError(f"{where}: {tokens[0]!r} listed twice")
+            if len(tokens) == 1 and require_camera:
+                raise ValueError(f"{where}: expected 'name MODEL WIDTH HEIGHT PARAMS...'")
+            out[tokens[0]] = camera_from_tokens(tokens[1:], where) if len(tokens) > 1 else None
+    return out

@@ -12,10 +12,19 @@ The network image is ``crop(resize(exif_transpose(original)))``:
   becomes 4:3), or, for ``size == 224``, to a centre square;
 * normalise to float32 ``((u8 / 255) - 0.5) / 0.5`` in CHW layout.
 
-Because the resize and the crop are both axis-aligned, the relation between network pixels and original
-pixels is an exact per-axis affine map, exposed by :class:`LoadedImage` (``to_original``,
-``to_network``). Coordinates follow hloc/COLMAP-style *pixel-centre* conventions
-in which ``(0, 0)`` is the centre of the top-left pixel.
+Two pixel frames:
+
+* the **original** (stored) frame: the pixels as stored in the file, ignoring the EXIF orientation, as
+  COLMAP (``pycolmap.import_images``, ``infer_camera_from_image``) and hloc read them. Keypoints, matches,
+  camera sizes and intrinsics live in this frame (``LoadedImage.original_size``, :func:`read_image_size`);
+* the **upright** frame: the image after the EXIF orientation (``exif_transpose``), which is what the
+  network sees (MASt3R works best upright); coarse-to-fine crops are cut from it (:func:`load_original`).
+
+The resize and the crop are axis-aligned and the EXIF orientation is a flip/rotation by multiples of 90°,
+so the relation between network pixels and original pixels is an exact affine map, exposed by
+:class:`LoadedImage` (``to_original``, ``to_network``; ``upright_to_original``, ``original_to_upright``
+for the orientation alone, see :func:`upright_to_stored`). Coordinates follow hloc/COLMAP-style
+*pixel-centre* conventions in which ``(0, 0)`` is the centre of the top-left pixel.
 
 Every reader (:func:`load_image`, :func:`load_original`, :func:`validate_image`,
 :func:`read_image_size`) opens files through one helper, so they accept and reject the same files with
@@ -44,6 +53,8 @@ __all__ = [
     "load_image",
     "load_original",
     "read_image_size",
+    "stored_to_upright",
+    "upright_to_stored",
     "validate_image",
 ]
 
@@ -52,7 +63,7 @@ logger = logging.getLogger(__name__)
 #: File extensions (lower case, with the dot) recognised by :func:`list_images`.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-#: Images whose width or height (after EXIF transpose) is below this are rejected. The official loader
+#: Images whose width or height is below this are rejected. The official loader
 #: would upsample e.g. a 1x1 image to a constant 512x384 image; we treat such files as invalid input.
 MIN_ORIGINAL_SIDE = 2
 
@@ -78,32 +89,34 @@ class LoadedImage:
     """A preprocessed image plus the exact geometry relating it to the original file.
 
     Attributes:
-        img: (1, 3, H, W) float32 tensor with values in [-1, 1].
+        img: (1, 3, H, W) float32 tensor with values in [-1, 1] (upright).
         true_shape: (1, 2) int32 tensor holding (H, W) of ``img``.
-        original_size: (W, H) of the original image after EXIF transpose.
+        upright_size: (W, H) of the image after EXIF transpose (what was resized).
         resized_size: (W, H) of the image after resizing and before cropping.
         crop_offset: (left, top) of the crop inside the resized image, in integer pixels.
         name: image name (by default the file's base name).
         path: path of the file that was read.
         size: the ``size`` argument used for loading.
+        orientation: the file's EXIF orientation (1..8; 1 when absent or invalid).
     """
 
     img: torch.Tensor
     true_shape: torch.Tensor
-    original_size: tuple[int, int]
+    upright_size: tuple[int, int]
     resized_size: tuple[int, int]
     crop_offset: tuple[int, int]
     name: str
     path: str
     size: int = 512
+    orientation: int = 1
     _scale: np.ndarray = field(init=False, repr=False)
     _offset: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         scale = np.array(
             [
-                self.original_size[0] / self.resized_size[0],
-                self.original_size[1] / self.resized_size[1],
+                self.upright_size[0] / self.resized_size[0],
+                self.upright_size[1] / self.resized_size[1],
             ],
             dtype=np.float64,
         )
@@ -117,26 +130,79 @@ class LoadedImage:
         return int(self.img.shape[-1]), int(self.img.shape[-2])
 
     @property
+    def original_size(self) -> tuple[int, int]:
+        """(W, H) of the stored pixels (the frame of :meth:`to_original`, keypoints and cameras)."""
+        w, h = self.upright_size
+        return (h, w) if self.orientation in _SWAPPING else (w, h)
+
+    @property
     def scale(self) -> tuple[float, float]:
-        """Per-axis scale (W_orig / W_resized, H_orig / H_resized)."""
+        """Per-axis scale (W_upright / W_resized, H_upright / H_resized)."""
         return float(self._scale[0]), float(self._scale[1])
 
     # ------------------------------------------------------------ coordinates
     def to_original(self, xy: np.ndarray) -> np.ndarray:
-        """Map (N, 2) network (x, y) pixel-centre coordinates to original-image coordinates (float64).
+        """Map (N, 2) network (x, y) pixel-centre coordinates to original (stored-frame) coordinates (float64).
 
-        ``x_orig = (x_net + crop_left + 0.5) * (W_orig / W_resized) - 0.5``, likewise for y.
+        Upright: ``x_up = (x_net + crop_left + 0.5) * (W_upright / W_resized) - 0.5``, likewise for y;
+        then :meth:`upright_to_original`.
         """
         pts = _as_points(xy)
-        return (pts + self._offset + 0.5) * self._scale - 0.5
+        return self.upright_to_original((pts + self._offset + 0.5) * self._scale - 0.5)
 
     def to_network(self, xy: np.ndarray) -> np.ndarray:
-        """Map (N, 2) original-image (x, y) pixel-centre coordinates to network coordinates (float64).
+        """Map (N, 2) original (stored-frame) (x, y) pixel-centre coordinates to network coordinates (float64).
 
         Exact inverse of :meth:`to_original`.
         """
-        pts = _as_points(xy)
+        pts = self.original_to_upright(xy)
         return (pts + 0.5) / self._scale - 0.5 - self._offset
+
+    def upright_to_original(self, xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) upright (EXIF-transposed) pixel-centre coordinates to the stored frame (float64)."""
+        return upright_to_stored(xy, self.orientation, self.original_size)
+
+    def original_to_upright(self, xy: np.ndarray) -> np.ndarray:
+        """Map (N, 2) stored-frame pixel-centre coordinates to the upright frame (float64)."""
+        return stored_to_upright(xy, self.orientation, self.original_size)
+
+
+#: EXIF orientations that swap width and height.
+_SWAPPING = (5, 6, 7, 8)
+
+#: Per EXIF orientation: (A, (cx, cy)) with ``stored = A @ upright + (cx * (W_s - 1), cy * (H_s - 1))``,
+#: in pixel-centre coordinates and with the stored size (W_s, H_s); the inverse of what
+#: ``ImageOps.exif_transpose`` does to the pixels (tests/test_exif_frame.py checks all 8 against it).
+_ORIENTATION_MAPS: dict[int, tuple[tuple[tuple[int, int], tuple[int, int]], tuple[int, int]]] = {
+    1: (((1, 0), (0, 1)), (0, 0)),      # as stored
+    2: (((-1, 0), (0, 1)), (1, 0)),     # mirrored left-right
+    3: (((-1, 0), (0, -1)), (1, 1)),    # rotated 180°
+    4: (((1, 0), (0, -1)), (0, 1)),     # mirrored top-bottom
+    5: (((0, 1), (1, 0)), (0, 0)),      # transposed
+    6: (((0, 1), (-1, 0)), (0, 1)),     # stored rotated 90° counter-clockwise (shown rotated clockwise)
+    7: (((0, -1), (-1, 0)), (1, 1)),    # transversed
+    8: (((0, -1), (1, 0)), (1, 0)),     # stored rotated 90° clockwise (shown rotated counter-clockwise)
+}
+
+
+def _orientation_affine(orientation: int, stored_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    if orientation not in _ORIENTATION_MAPS:
+        raise ValueError(f"EXIF orientation must be 1..8, got {orientation!r}")
+    a, (cx, cy) = _ORIENTATION_MAPS[orientation]
+    return np.array(a, np.float64), np.array([cx * (stored_size[0] - 1), cy * (stored_size[1] - 1)], np.float64)
+
+
+def upright_to_stored(xy: np.ndarray, orientation: int, stored_size: tuple[int, int]) -> np.ndarray:
+    """Map (N, 2) pixel-centre coordinates of the upright image (after ``exif_transpose``) to the stored
+    pixels of a file of EXIF ``orientation`` and stored (W, H) ``stored_size`` (exact, float64)."""
+    a, b = _orientation_affine(orientation, stored_size)
+    return _as_points(xy) @ a.T + b
+
+
+def stored_to_upright(xy: np.ndarray, orientation: int, stored_size: tuple[int, int]) -> np.ndarray:
+    """Exact inverse of :func:`upright_to_stored`."""
+    a, b = _orientation_affine(orientation, stored_size)
+    return (_as_points(xy) - b) @ a  # a is orthogonal: its inverse is its transpose
 
 
 def _as_points(xy: np.ndarray) -> np.ndarray:
@@ -196,12 +262,19 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     return Image.fromarray(u8).convert("RGB")  # 2-D uint8: mode L
 
 
-def _open_rgb(path: str) -> Image.Image:
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1 when absent or not in 1..8, as ``exif_transpose``)."""
+    value = img.getexif().get(0x0112, 1)
+    return value if value in _ORIENTATION_MAPS else 1
+
+
+def _open_rgb(path: str) -> tuple[Image.Image, int]:
     """Open and decode ``path``, apply the EXIF orientation and convert to RGB (see :func:`_to_rgb`),
-    raising ImageLoadError on failure."""
+    raising ImageLoadError on failure; returns the upright image and the orientation that was applied."""
     with _opened(path) as raw:
         raw.load()
-        return _to_rgb(ImageOps.exif_transpose(raw), path)
+        orientation = _orientation(raw)
+        return _to_rgb(ImageOps.exif_transpose(raw), path), orientation
 
 
 def _resize_long_side(img: Image.Image, long_side: int) -> Image.Image:
@@ -251,7 +324,7 @@ def load_image(
         raise ValueError(f"size must be a positive integer, got {size!r}")
     size = int(size)
     path_str = os.fspath(path)
-    img = _open_rgb(path_str)
+    img, orientation = _open_rgb(path_str)
     w0, h0 = img.size
     if min(w0, h0) < MIN_ORIGINAL_SIDE:
         raise ImageLoadError(
@@ -289,45 +362,46 @@ def load_image(
     return LoadedImage(
         img=tensor,
         true_shape=true_shape,
-        original_size=(w0, h0),
+        upright_size=(w0, h0),
         resized_size=(wr, hr),
         crop_offset=(left, top),
         name=name if name is not None else os.path.basename(path_str),
         path=path_str,
         size=size,
+        orientation=orientation,
     )
 
 
 def load_original(path: str | os.PathLike[str]) -> torch.Tensor:
-    """The EXIF-transposed original image as a (1, 3, H, W) float32 tensor in [-1, 1], no resizing
-    (what coarse-to-fine crops are cut from). Raises ImageLoadError like :func:`load_image`."""
-    arr = np.asarray(_open_rgb(os.fspath(path)), dtype=np.uint8)
+    """The full-resolution image in the *upright* frame (EXIF-transposed) as a (1, 3, H, W) float32 tensor in
+    [-1, 1], no resizing: what coarse-to-fine crops are cut from (their pixels are then mapped to the stored
+    frame with ``LoadedImage.upright_to_original``). Raises ImageLoadError like :func:`load_image`."""
+    arr = np.asarray(_open_rgb(os.fspath(path))[0], dtype=np.uint8)
     tensor = torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor.div(255.0).sub(0.5).div(0.5).unsqueeze(0).contiguous()
 
 
 def validate_image(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Decode the whole file (catching truncated or corrupt data); returns (W, H) after EXIF transpose.
+    """Decode the whole file (catching truncated or corrupt data); returns the stored (W, H), like
+    :func:`read_image_size`.
 
     Raises ImageLoadError naming the file when it cannot be used.
     """
     path_str = os.fspath(path)
-    w, h = _open_rgb(path_str).size
+    img, orientation = _open_rgb(path_str)
+    w, h = img.size[::-1] if orientation in _SWAPPING else img.size
     if min(w, h) < MIN_ORIGINAL_SIDE:
         raise ImageLoadError(f"image is too small ({w}x{h}): {path_str!r}")
     return w, h
 
 
 def read_image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(W, H) of the image after EXIF transpose, reading the header only when possible.
+    """(W, H) of the stored pixels, ignoring the EXIF orientation (as COLMAP and hloc), from the header.
 
     Raises ImageLoadError for missing, empty or unreadable files and images above :data:`MAX_IMAGE_PIXELS`.
     """
-    path_str = os.fspath(path)
-    with _opened(path_str) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    with _opened(os.fspath(path)) as img:
+        return img.size
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:

@@ -32,15 +32,17 @@ import pycolmap
 from tqdm import tqdm
 
 from . import mapping
+from .cameras import normalise_camera_mode, read_camera_list, read_image_info
 from .export import colmap_db, hloc_h5, provenance, scores
 from .images import ImageLoadError, list_images, validate_image
 from .keypoints import KeypointConfig, consolidate
 from .lock import locks_database
 from .matching.schedule import schedule_pairs
+from .options import build as build_options
 from .pairs import pairs_from_spec, write_pairs
 from .store import MatchStore, config_key
 from .structures import ImageKeypoints, IndexMatches, PairMatches
-from .verification import verify_matches
+from .verification import verification_options, verify_matches
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +70,22 @@ class PipelineConfig:
     """Settings of :func:`reconstruct` (the CLI maps its flags onto these)."""
 
     pairs: str = "exhaustive"
-    camera_mode: str = "auto"
+    #: "auto", "single", "per-folder", "per-image" or a ``pycolmap.CameraMode``
+    camera_mode: str | pycolmap.CameraMode = "auto"
     camera_model: str = "SIMPLE_RADIAL"
     intrinsics: Optional[str] = None
+    #: ``pycolmap.ImageReaderOptions`` or its dict (camera_model, camera_params, default_focal_length_factor,
+    #: existing_camera_id), as hloc's ``image_options``; see :func:`~.export.colmap_db.import_images`
+    image_options: Any = None
+    #: ``{name: pycolmap.Camera}`` or an hloc list file (``name MODEL W H params...`` per line): these
+    #: images get exactly that camera, the others follow ``camera_mode``
+    camera_intrinsics: Any = None
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    #: ``pycolmap.TwoViewGeometryOptions`` or a dict over :data:`~.verification.DEFAULT_VERIFICATION_OPTIONS`
+    verification_options: Any = None
     mapper: str = "incremental"
-    mapper_options: Optional[Dict[str, Any]] = None
+    #: ``pycolmap.IncrementalPipelineOptions`` / ``GlobalPipelineOptions`` (by ``mapper``) or a nested dict
+    mapper_options: Any = None
     strict: bool = False
     seed: int = 0
     progress: bool = True
@@ -81,6 +93,15 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.mapper not in MAPPERS:
             raise ValueError(f"unknown mapper {self.mapper!r}: choose from {', '.join(MAPPERS)}")
+        normalise_camera_mode(self.camera_mode)
+        verification_options(self.verification_options)  # bad options fail here, before any matching
+        if self.mapper != "none":
+            build_options(mapping_options_class(self.mapper), self.mapper_options)
+
+
+def mapping_options_class(mapper: str) -> type:
+    """The pycolmap options class of a mapper: ``IncrementalPipelineOptions`` or ``GlobalPipelineOptions``."""
+    return pycolmap.GlobalPipelineOptions if mapper == "global" else pycolmap.IncrementalPipelineOptions
 
 
 def default_store_path(database: str | os.PathLike) -> Path:
@@ -165,6 +186,36 @@ def check_image_names(names: Iterable[str], export_h5: bool = False) -> None:
                                       "cannot both go into the files of --export-h5")
 
 
+def listed_cameras(camera_intrinsics: Any, image_dir: str | os.PathLike,
+                   names: Sequence[str]) -> Dict[str, pycolmap.Camera]:
+    """The cameras of :attr:`PipelineConfig.camera_intrinsics` (``{name: Camera}`` or an hloc list file)
+    for the images of ``names``, each checked against the image's size (after EXIF orientation).
+
+    Raises:
+        ValueError: a bad file (see :func:`~.cameras.read_camera_list`) or a camera of another size.
+    """
+    if camera_intrinsics is None:
+        return {}
+    if not isinstance(camera_intrinsics, Mapping):
+        camera_intrinsics = read_camera_list(camera_intrinsics, what="camera intrinsics file", require_camera=True)
+    cameras = {str(n): c for n, c in camera_intrinsics.items() if c is not None}
+    unknown = sorted(set(cameras) - set(names))
+    if unknown:
+        logger.warning("camera intrinsics of %d image(s) not in this run, ignored: %s", len(unknown),
+                       ", ".join(unknown[:5]))
+    out = {}
+    for name in names:
+        if name in cameras:
+            cam, info = cameras[name], read_image_info(Path(image_dir) / name)
+            if (cam.width, cam.height) != (info.width, info.height):
+                raise ValueError(f"camera intrinsics of {name!r} are for {cam.width}x{cam.height}, but the image "
+                                 f"is {info.width}x{info.height}")
+            out[name] = cam
+    if out:
+        logger.info("%d image(s) get the cameras of the intrinsics list", len(out))
+    return out
+
+
 def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], store: MatchStore,
                      progress: bool = True) -> int:
     """Match the pairs the store does not hold yet, committing each as it finishes.
@@ -215,13 +266,16 @@ def _image_hashes(store: MatchStore, names: Iterable[str]) -> Dict[str, str]:
 def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pairs: Sequence[Tuple[str, str]],
                         matcher: PairMatcher, keypoint_conf: KeypointConfig = KeypointConfig(),
                         store_path: Optional[str | os.PathLike] = None, progress: bool = True,
-                        image_dir: Optional[str | os.PathLike] = None):
+                        image_dir: Optional[str | os.PathLike] = None, verification_options: Any = None):
     """Match the pairs the database lacks (through the resumable store), consolidate keypoints (images
     that already have keypoints keep them), write keypoints and matches in one transaction, verify.
 
     First the image files (under ``image_dir``, default ``matcher.image_dir``; without one, only the
     settings) and :func:`database_settings` are checked against what the database records, and recorded:
     a changed picture or other settings raise a ValueError before any matching.
+
+    ``verification_options`` (``pycolmap.TwoViewGeometryOptions`` or a dict) go to
+    :func:`~.verification.verify_matches`; pairs verified by an earlier run keep their two-view geometry.
 
     Returns ``(keypoints, matches, verified)``: the consolidated values of this call and
     ``{pair: number of inliers}`` of the verification of ``pairs``.
@@ -249,7 +303,7 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
             keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
     colmap_db.write_features_and_matches(database, ids, keypoints, matches)
     scores.record(database, ids, {n: k for n, k in keypoints.items() if n not in fixed}, matches)
-    verified = verify_matches(database, pairs) if pairs else {}
+    verified = verify_matches(database, pairs, options=verification_options) if pairs else {}
     logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
                 len(verified))
     return keypoints, matches, verified
@@ -295,12 +349,14 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
                             similarity_fn=similarity_fn)  # a bad pairs file fails before the database is written
     logger.info("%d pairs (%s)", len(pairs), config.pairs)
+    cameras = listed_cameras(config.camera_intrinsics, image_dir, names)
     with colmap_db.open_database(database) as db:
         ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
-                                      config.intrinsics)
+                                      config.intrinsics, options=config.image_options, cameras=cameras)
 
     keypoints, matches, verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
-                                                       store_path, config.progress, image_dir=image_dir)
+                                                       store_path, config.progress, image_dir=image_dir,
+                                                       verification_options=config.verification_options)
     n_verified = sum(1 for v in verified.values() if v > 0)
 
     if export_h5 is not None:

@@ -44,15 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "sfm: symmetric inference")
     cli.add_matcher_arguments(p)
     p.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"], default="auto",
-                   help="auto: images of one size and EXIF focal share a camera")
+                   type=lambda mode: mode.strip().lower().replace("_", "-"),
+                   help="auto: images of one size and EXIF focal share a camera (COLMAP's names, e.g. PER_FOLDER, "
+                        "work too)")
     p.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
     p.add_argument("--intrinsics", default=None, help="comma-separated camera parameters for every camera")
+    p.add_argument("--camera-intrinsics", type=Path, default=None, metavar="FILE",
+                   help="per-image cameras, hloc's query-list format 'name MODEL W H params...' per line: the "
+                        "images listed get exactly that camera (W H must be the image's size), the others follow "
+                        "--camera-mode")
+    p.add_argument("--verification-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="pycolmap.TwoViewGeometryOptions of geometric verification, dotted keys of its todict() "
+                        "with Python-literal values, e.g. min_num_inliers=30 ransac.max_error=2.0")
     p.add_argument("--cell-size", type=float, default=KeypointConfig.cell_size,
                    help="keypoint consolidation cell (px at full resolution)")
     p.add_argument("--max-kps", type=int, default=KeypointConfig.max_kps, help="keypoints per image (0: no cap)")
     p.add_argument("--export-h5", type=Path, default=None,
                    help="also write hloc features.h5 / matches.h5 / pairs.txt into this folder")
     p.add_argument("--mapper", choices=MAPPERS, default="incremental")
+    p.add_argument("--mapper-options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options of the mapper as hloc's --mapper_options: dotted keys of "
+                        "pycolmap.IncrementalPipelineOptions().todict() (GlobalPipelineOptions with --mapper "
+                        "global) with Python-literal values, e.g. min_num_matches=30 mapper.init_min_num_inliers=50")
     p.add_argument("--output", type=Path, default=None,
                    help="sparse model folder (default: DATABASE's folder/sparse); one holding a model this tool "
                         "did not write is refused, a failed mapping keeps the earlier model and says so in "
@@ -73,10 +86,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import pycolmap
+
     from .lock import database_lock
     from .mapping import check_output, default_output_dir
     from .model.checkpoint import resolve_device
 
+    from .options import parse_option_args
+    from .pipeline import mapping_options_class
+
+    # option words fail first, before any file is looked at
+    args.verification_options = parse_option_args(args.verification_options, pycolmap.TwoViewGeometryOptions)
+    if args.mapper_options and args.mapper == "none":
+        logger.warning("--mapper-options are not used with --mapper none")
+    args.mapper_options = parse_option_args(args.mapper_options, mapping_options_class(args.mapper))
     if not args.images.is_dir():
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
     if args.database.is_dir():
@@ -103,15 +126,19 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_locked(args: argparse.Namespace, device) -> int:
     from .matching.matcher import Matcher, get_config
-    from .pipeline import check_image_names, reconstruct, usable_images
+    from .pipeline import check_image_names, listed_cameras, reconstruct, usable_images
 
     config = PipelineConfig(
         pairs=args.pairs, camera_mode=args.camera_mode, camera_model=args.camera_model,
         intrinsics=args.intrinsics, mapper=args.mapper, strict=args.strict, seed=args.seed,
         keypoints=KeypointConfig(cell_size=args.cell_size, max_kps=args.max_kps or None),
+        verification_options=args.verification_options,
+        mapper_options=args.mapper_options if args.mapper != "none" else None,
         progress=not args.no_progress)
     names = usable_images(args.images, args.strict, not args.no_progress)  # bad input fails before loading
     check_image_names(names, export_h5=args.export_h5 is not None)
+    if args.camera_intrinsics is not None:  # a bad file or image size fails before loading
+        config.camera_intrinsics = listed_cameras(args.camera_intrinsics, args.images, names)
     overrides = cli.matcher_overrides(args)
     if args.pairs.strip().lower().startswith("retrieval:") and args.cache_size is None:
         # retrieval encodes every image first: keep the encodings so matching does not re-encode them

@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
                          "mapping"},
     "localization": _BASE | {"images", "cameras", "store", "keypoints", "matching", "pairs", "export",
                              "verification", "mapping", "pipeline", "cli"},
+    "hloc": _BASE | {"images", "store", "keypoints", "matching", "pairs", "export", "pipeline", "cli"},
     "evaluate": _BASE | {"cli"},
     # the command lines: argument parsing and wiring, on top of everything
     "cli": _BASE | {"model", "matching"},

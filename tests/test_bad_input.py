@@ -9,7 +9,6 @@ deterministic test weights (``--mapper none``: untrained weights give meaningles
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import pickle

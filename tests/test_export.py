@@ -246,17 +246,20 @@ def test_exif_focal_prior_and_orientation(tmp_path: Path) -> None:
     Image.new("RGB", (W, H)).save(tmp_path / "exif.jpg", exif=exif.tobytes())
     Image.new("RGB", (W, H)).save(tmp_path / "plain.jpg")
     info = read_image_info(tmp_path / "exif.jpg")
-    assert (info.width, info.height) == (H, W) and info.focal_source == "exif-35mm"
-    expected_f = pycolmap.infer_camera_from_image(str(tmp_path / "exif.jpg")).mean_focal_length()
+    # The stored size, as COLMAP reads the file (it ignores the orientation; keypoints are in this frame).
+    colmap_cam = pycolmap.infer_camera_from_image(str(tmp_path / "exif.jpg"))
+    assert (info.width, info.height) == (colmap_cam.width, colmap_cam.height) == (W, H)
+    assert info.focal_source == "exif-35mm"
+    expected_f = colmap_cam.mean_focal_length()
     assert info.focal == pytest.approx(expected_f, rel=1e-6)   # COLMAP's own EXIF rule
 
     ids = colmap_db.import_images(tmp_path / "db.db", tmp_path, ["exif.jpg", "plain.jpg"],
                                   camera_mode="per-image")
     with colmap_db.open_database(tmp_path / "db.db") as db:
         cam = db.read_camera(db.read_image(ids["exif.jpg"]).camera_id)
-        assert (cam.width, cam.height) == (H, W) and cam.has_prior_focal_length
+        assert (cam.width, cam.height) == (W, H) and cam.has_prior_focal_length
         assert cam.mean_focal_length() == pytest.approx(expected_f, rel=1e-6)
-        np.testing.assert_allclose([cam.principal_point_x, cam.principal_point_y], [H / 2, W / 2])
+        np.testing.assert_allclose([cam.principal_point_x, cam.principal_point_y], [W / 2, H / 2])
         cam = db.read_camera(db.read_image(ids["plain.jpg"]).camera_id)
         assert not cam.has_prior_focal_length and cam.mean_focal_length() == pytest.approx(1.2 * W)
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from mast3r_colmap.images import ImageLoadError, LoadedImage, list_images, load_image
+from mast3r_colmap.images import (ImageLoadError, LoadedImage, list_images, load_image, read_image_size,
+                                  validate_image)
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -103,16 +104,20 @@ def test_landscape_geometry_and_known_pixel_centres() -> None:
 
 
 def test_portrait_exif_transposed_geometry() -> None:
-    # Stored 900x600 with EXIF orientation 6 -> 600x900 after transpose -> resized (341, 512)
-    # -> crop cx = 170: halfw = (340 // 16) * 8 = 168, left 2; network 336x512 (W x H).
+    # Stored 900x600 with EXIF orientation 6 -> 600x900 after transpose (the network image is upright)
+    # -> resized (341, 512) -> crop cx = 170: halfw = (340 // 16) * 8 = 168, left 2; network 336x512 (W x H).
     li = load_image(PORTRAIT)
-    assert li.original_size == (600, 900)
+    assert li.orientation == 6
+    assert li.upright_size == (600, 900)
+    assert li.original_size == (900, 600)  # the stored pixels: the frame of keypoints and cameras (COLMAP's)
     assert li.resized_size == (341, 512)
     assert li.crop_offset == (2, 0)
     assert li.true_shape.tolist() == [[512, 336]]
+    # Upright (3.8988..., 0.3789...); orientation 6 stores upright (u, v) at (v, H_stored - 1 - u).
     np.testing.assert_allclose(
-        li.to_original(np.array([[0.0, 0.0]])), [[3.898826979472141, 0.37890625]], rtol=0, atol=1e-12
+        li.to_original(np.array([[0.0, 0.0]])), [[0.37890625, 599 - 3.898826979472141]], rtol=0, atol=1e-12
     )
+    assert read_image_size(PORTRAIT) == validate_image(PORTRAIT) == (900, 600)
 
 
 def test_size_224_shape_and_geometry() -> None:

@@ -17,7 +17,6 @@ import pycolmap
 import pytest
 from PIL import Image
 
-from mast3r_colmap.export import colmap_db
 from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.pipeline import PipelineConfig, check_image_names, reconstruct
 from mast3r_colmap.structures import IndexMatches

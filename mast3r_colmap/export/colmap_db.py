@@ -132,6 +132,8 @@ def import_images(
     camera_model: str = "SIMPLE_RADIAL",
     intrinsics: str | Sequence[float] | None = None,
     default_focal_length_factor: float = DEFAULT_FOCAL_LENGTH_FACTOR,
+    options: Mapping | pycolmap.ImageReaderOptions | None = None,
+    cameras: Mapping[str, pycolmap.Camera | None] | None = None,
 ) -> dict[str, int]:
     """Add cameras, rigs, frames and images for ``names`` (relative to ``image_dir``).
 
@@ -139,12 +141,24 @@ def import_images(
         db: open database or its path (created if missing).
         image_dir: folder the names are relative to; the files must exist (sizes are read from them).
         names: image names (POSIX relative paths); duplicates are ignored.
-        camera_mode: ``"single"`` (one camera for all images), ``"per-folder"`` (one per parent folder)
-            or ``"per-image"``. Images sharing a camera must have the same size.
+        camera_mode: ``"auto"`` (same size and EXIF focal), ``"single"`` (one camera for all images),
+            ``"per-folder"`` (one per parent folder) or ``"per-image"``, or a ``pycolmap.CameraMode``.
+            Images sharing a camera must have the same size.
         camera_model: a COLMAP camera model name.
         intrinsics: comma-separated parameters of ``camera_model`` used for every new camera
             (sets ``has_prior_focal_length``). Without it the focal comes from EXIF (prior) or is
             ``default_focal_length_factor * max(W, H)`` (no prior) and the principal point is the centre.
+        options: a ``pycolmap.ImageReaderOptions`` (or its dict), as hloc passes to ``pycolmap.import_images``:
+            its ``camera_model``, ``camera_params`` and ``default_focal_length_factor`` take the place of
+            the three arguments above (giving both, different, is a ValueError), and ``existing_camera_id``
+            puts every new image on that database camera. Masks are not used (no features are extracted).
+            ``pycolmap.import_images`` itself is not called: it has neither our EXIF focal rules and
+            ``auto`` grouping nor their re-run camera reuse, nor per-image ``cameras``.
+        cameras: ``{name: pycolmap.Camera}`` (e.g. from :func:`~mast3r_colmap.cameras.read_camera_list` of
+            an hloc ``name MODEL W H params...`` list): each listed new image gets exactly that camera
+            (its size must be the image's; images listed with the same camera share one), outside the
+            ``camera_mode`` groups; a listed image already in the database must have that camera.
+            ``None`` entries are ignored.
 
     Returns:
         ``{name: image_id}`` for every requested name, existing images included.
@@ -154,15 +168,28 @@ def import_images(
             image file, or images of different sizes that would share a camera.
     """
     mode = normalise_camera_mode(camera_mode)
+    camera_model, intrinsics, default_focal_length_factor, existing_camera_id = _reader_settings(
+        options, camera_model, intrinsics, default_focal_length_factor)
     params = parse_intrinsics(intrinsics)
+    listed = {str(n): c for n, c in (cameras or {}).items() if c is not None}
     image_dir = Path(image_dir)
     names = list(dict.fromkeys(str(n) for n in names))
 
     with use_database(db) as d:
         existing = {img.name: img for img in d.read_all_images()}
+        if existing_camera_id is not None and not d.exists_camera(existing_camera_id):
+            raise ValueError(f"existing_camera_id {existing_camera_id}: no such camera in the database")
         # Existing group cameras, so that re-runs add new images to the same camera.
         group_camera: dict[str, int] = {}
+        listed_camera: dict[tuple, int] = {}
         for name, img in existing.items():
+            if name in listed:  # a camera of the list: not a group camera; it must be the listed one
+                cam = d.read_camera(img.camera_id)
+                if not _same_camera(cam, listed[name]):
+                    raise ValueError(f"image {name!r} is already in the database with camera {cam}, not the "
+                                     f"listed {listed[name]}; start a new database (overwrite)")
+                listed_camera.setdefault(_camera_key(cam), int(img.camera_id))
+                continue
             if mode == "auto":
                 cam = d.read_camera(img.camera_id)
                 prior = cam.mean_focal_length() if cam.has_prior_focal_length else None
@@ -184,8 +211,19 @@ def import_images(
             for name in new:
                 info = infos[name]
                 key = camera_group_key(mode, name, info)
-                cam_id = group_camera.get(key)
-                if cam_id is None:
+                cam_id = group_camera.get(key) if existing_camera_id is None else existing_camera_id
+                if name in listed:
+                    cam = listed[name]
+                    if (cam.width, cam.height) != (info.width, info.height):
+                        raise ValueError(f"image {name!r} is {info.width}x{info.height} but its listed camera "
+                                         f"is {cam.width}x{cam.height}")
+                    cam_id = listed_camera.get(_camera_key(cam))
+                    if cam_id is None:
+                        cam = pycolmap.Camera(model=cam.model, width=cam.width, height=cam.height,
+                                              params=cam.params, has_prior_focal_length=True)
+                        cam_id = listed_camera[_camera_key(cam)] = int(d.write_camera(cam))
+                        logger.debug("camera %d for %s from the list: %s", cam_id, name, cam)
+                elif cam_id is None:
                     cam = make_camera(camera_model, info, params, default_focal_length_factor)
                     cam_id = int(d.write_camera(cam))
                     group_camera[key] = cam_id
@@ -194,9 +232,11 @@ def import_images(
                 else:
                     cam = d.read_camera(cam_id)
                     if (cam.width, cam.height) != (info.width, info.height):
+                        how = (f"existing_camera_id {cam_id}" if existing_camera_id is not None
+                               else f"camera_mode {mode!r}; use 'per-image'")
                         raise ValueError(
                             f"image {name!r} is {info.width}x{info.height} but shares camera {cam_id} "
-                            f"({cam.width}x{cam.height}) in camera_mode {mode!r}; use 'per-image'")
+                            f"({cam.width}x{cam.height}) in {how}")
                 image_id = int(d.write_image(pycolmap.Image(name=name, camera_id=cam_id)))
                 result[name] = image_id
                 if use_frames:
@@ -211,6 +251,54 @@ def import_images(
         logger.info("import_images: %d new, %d existing images; %d cameras in the database",
                     len(new), len(names) - len(new), d.num_cameras())
         return {n: result[n] for n in names}
+
+
+def _reader_settings(options: Mapping | pycolmap.ImageReaderOptions | None, camera_model: str,
+                     intrinsics: str | Sequence[float] | None, focal_factor: float
+                     ) -> tuple[str, str | Sequence[float] | None, float, int | None]:
+    """``(camera_model, intrinsics, default_focal_length_factor, existing_camera_id)`` of
+    :func:`import_images`: its arguments, with the fields of ``ImageReaderOptions`` ``options`` (all of
+    an object's, the given keys of a dict) in their place; an argument already set otherwise conflicts."""
+    if options is None:
+        return camera_model, intrinsics, focal_factor, None
+    if isinstance(options, pycolmap.ImageReaderOptions):
+        given = options.todict()
+    elif isinstance(options, Mapping):
+        given = dict(options)
+        defaults = pycolmap.ImageReaderOptions().todict()
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown ImageReaderOptions option(s) {unknown}; known: {', '.join(sorted(defaults))}")
+    else:
+        raise ValueError(f"image options must be a dict or a pycolmap.ImageReaderOptions, got "
+                         f"{type(options).__name__}")
+    out = {"camera_model": camera_model, "intrinsics": intrinsics, "focal": float(focal_factor)}
+    plain = {"camera_model": "SIMPLE_RADIAL", "intrinsics": None, "focal": DEFAULT_FOCAL_LENGTH_FACTOR}
+    for ours, theirs in (("camera_model", "camera_model"), ("intrinsics", "camera_params"),
+                         ("focal", "default_focal_length_factor")):
+        if theirs not in given:
+            continue
+        value = given[theirs]
+        value = (value or None) if ours == "intrinsics" else float(value) if ours == "focal" else str(value)
+        if out[ours] != plain[ours] and value != out[ours] and value != plain[ours]:
+            raise ValueError(f"ImageReaderOptions.{theirs} = {value!r} conflicts with {ours} = {out[ours]!r}: "
+                             "give it once")
+        if value != plain[ours] or out[ours] == plain[ours]:
+            out[ours] = value
+    for key in ("mask_path", "camera_mask_path"):
+        if str(given.get(key, ".")) not in (".", ""):
+            logger.warning("ImageReaderOptions.%s is not used: MASt3R matching reads no masks", key)
+    camera_id = int(given.get("existing_camera_id", -1))
+    return out["camera_model"], out["intrinsics"], out["focal"], None if camera_id < 0 else camera_id
+
+
+def _camera_key(cam: pycolmap.Camera) -> tuple:
+    return (cam.model.name, int(cam.width), int(cam.height), tuple(np.round(np.asarray(cam.params, float), 9)))
+
+
+def _same_camera(a: pycolmap.Camera, b: pycolmap.Camera) -> bool:
+    return (a.model == b.model and (a.width, a.height) == (b.width, b.height)
+            and np.allclose(np.asarray(a.params), np.asarray(b.params), rtol=1e-9, atol=1e-9))
 
 
 def _camera_sensor(camera_id: int) -> pycolmap.sensor_t:

@@ -16,6 +16,11 @@ window), through :class:`EncodingCache`.
 The descriptors come from a :class:`~.dense.DenseNetwork`: the MASt3R model, or the synthetic-scene
 oracle of the tests; everything else (loading, caching, scheduling, batching, FRM, filters,
 coarse-to-fine and the map back to original pixels) is this module's, the same for both.
+
+Frames (see :mod:`~mast3r_colmap.images`): the network always sees the upright (EXIF-transposed) image,
+and coarse-to-fine crops are cut from the upright full-resolution image; every match is mapped back to
+the *stored* pixels of the file (``LoadedImage.to_original``, and ``upright_to_original`` for crops), the
+frame in which COLMAP and hloc read the image.
 """
 
 from __future__ import annotations
@@ -113,10 +118,11 @@ def _correspondences(preds: Tuple[Dense, ...], i: int, conf: MatcherConfig, symm
     return m.select(keep)
 
 
-def _crop_to_original(window: Window) -> PixelMap:
-    """Crop pixels -> original pixels (a crop is cut from the original at full resolution)."""
+def _crop_to_original(window: Window, image: LoadedImage) -> PixelMap:
+    """Crop pixels -> original (stored-frame) pixels: a crop is cut from the upright image at full
+    resolution, so shift by its corner, then undo the EXIF orientation."""
     offset = np.array(window[:2], np.float64)
-    return lambda xy: np.asarray(xy, np.float64) + offset
+    return lambda xy: image.upright_to_original(np.asarray(xy, np.float64) + offset)
 
 
 def _match_settings(conf: MatcherConfig) -> Dict[str, Any]:
@@ -331,11 +337,12 @@ class Matcher:
 
     # coarse-to-fine
     def _refine(self, coarse: PairMatches, im0: LoadedImage, im1: LoadedImage) -> PairMatches:
-        (w0, h0), (w1, h1) = im0.original_size, im1.original_size
+        (w0, h0), (w1, h1) = im0.upright_size, im1.upright_size  # crops are cut upright
         maxdim = self.conf.image_size
         if not (needs_coarse_to_fine(h0, w0, maxdim) or needs_coarse_to_fine(h1, w1, maxdim)):
             return coarse
-        crops = select_crop_pairs((h0, w0), (h1, w1), coarse.xy0, coarse.xy1, maxdim=maxdim,
+        crops = select_crop_pairs((h0, w0), (h1, w1), im0.original_to_upright(coarse.xy0),
+                                  im1.original_to_upright(coarse.xy1), maxdim=maxdim,
                                   overlap=self.conf.crop_overlap,
                                   forced_resolution=(_crop_size(h0, w0, maxdim), _crop_size(h1, w1, maxdim)))
         if not crops:
@@ -345,7 +352,7 @@ class Matcher:
         parts: List[PairMatches] = []
         for start in range(0, len(crops), self.conf.batch_size):
             chunk = crops[start:start + self.conf.batch_size]
-            parts.extend(self._match_crops(im0.name, im1.name, originals, chunk))
+            parts.extend(self._match_crops(im0, im1, originals, chunk))
         xy0, xy1, scores = _unique_best(np.concatenate([p.xy0 for p in parts]),
                                         np.concatenate([p.xy1 for p in parts]),
                                         np.concatenate([p.scores for p in parts]))
@@ -353,8 +360,11 @@ class Matcher:
                      im0.name, im1.name, len(coarse), len(scores), len(crops))
         return PairMatches(im0.name, im1.name, xy0, xy1, scores)
 
-    def _match_crops(self, name0: str, name1: str, originals: "_LazyOriginals",
+    def _match_crops(self, im0: LoadedImage, im1: LoadedImage, originals: "_LazyOriginals",
                      crops: Sequence[Tuple[Window, Window]]) -> List[PairMatches]:
+        name0, name1 = im0.name, im1.name
+        images = {name0: im0, name1: im1}
+
         def cut(key: Key) -> torch.Tensor:  # only called for crops whose encoding misses
             name, (l, t, r, b) = key
             return originals[name][..., t:b, l:r]
@@ -365,16 +375,16 @@ class Matcher:
         results: Dict[int, PairMatches] = {}
         for idx in groups.values():
             preds = self._decode([(name0, crops[i][0]) for i in idx], [(name1, crops[i][1]) for i in idx], cut,
-                                 lambda key: _crop_to_original(key[1]), symmetric=False)
+                                 lambda key: _crop_to_original(key[1], images[key[0]]), symmetric=False)
             for j, i in enumerate(idx):
                 m = _correspondences(preds, j, self.conf, symmetric=False)
-                results[i] = PairMatches(name0, name1, _crop_to_original(crops[i][0])(m.xy1),
-                                         _crop_to_original(crops[i][1])(m.xy2), m.conf)
+                results[i] = PairMatches(name0, name1, _crop_to_original(crops[i][0], im0)(m.xy1),
+                                         _crop_to_original(crops[i][1], im1)(m.xy2), m.conf)
         return [results[i] for i in range(len(crops))]
 
 
 class _LazyOriginals:
-    """Full-resolution images by name, decoded on first use (coarse-to-fine needs them only for the
+    """Full-resolution upright images by name, decoded on first use (coarse-to-fine needs them only for the
     crops whose encodings are not cached)."""
 
     def __init__(self, paths: Mapping[str, str]):

@@ -135,17 +135,18 @@ def _config(kwargs: Mapping[str, Any], source: Any) -> MASt3RConfig:
 
 def fetch_from_hub(repo_id: str) -> Path:
     """Find config.json and model.safetensors of a hub repo in the local cache, or download them."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
 
     names = ("config.json", "model.safetensors")
+    cache = constants.HF_HUB_CACHE  # read now: older huggingface_hub bound its default at import time
     try:
-        return Path([hf_hub_download(repo_id, n, local_files_only=True) for n in names][-1]).parent
+        return Path([hf_hub_download(repo_id, n, cache_dir=cache, local_files_only=True) for n in names][-1]).parent
     except Exception:  # not cached (yet)
         pass
     reason = _hub_unreachable()
     if reason is None:
         try:
-            return Path([hf_hub_download(repo_id, n) for n in names][-1]).parent
+            return Path([hf_hub_download(repo_id, n, cache_dir=cache) for n in names][-1]).parent
         except Exception as exc:  # unknown repo, missing file, network failure, ...
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     raise CheckpointError(

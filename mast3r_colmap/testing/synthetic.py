@@ -21,6 +21,12 @@ Pixel coordinates in this module's API (``cast``, ``project``, ``true_correspond
 pixel (col, row) is sampled at (x, y) = (col, row). COLMAP's camera models put the top-left *corner* at
 (0, 0), i.e. that pixel centre at (0.5, 0.5). Hence ``x_colmap = x_hloc + 0.5`` and, for the cameras
 here, ``x_hloc = f * X / Z + cx - 0.5`` with COLMAP's ``cx = W / 2``.
+
+EXIF orientation: ``scene.orientations`` may give an image an EXIF orientation (1..8). Its file then
+stores the rendered image's pixels un-rotated (:meth:`SyntheticScene.write_images` writes the tag, so
+that ``exif_transpose`` gives back the rendering); the scene's camera, ``cast`` and ``project`` stay in the
+rendered (upright) frame, and :meth:`SyntheticScene.stored_to_render` maps pixels of the stored file
+(where the matcher puts keypoints, as COLMAP and hloc) into it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from ..images import stored_to_upright
 from ..matching.dense import Key, PixelMap, Window
 
 #: Dimension of the ideal descriptors.
@@ -216,6 +223,7 @@ class SyntheticScene:
         footprint: typical size of a pixel on the surfaces (median depth / focal), in world units.
         texture, descriptors: the colour and descriptor fields of 3D points.
         seed: the seed everything was drawn from.
+        orientations: EXIF orientation of the written file by name (absent: 1); see the module docstring.
     """
 
     names: List[str]
@@ -232,6 +240,7 @@ class SyntheticScene:
     descriptors: DescriptorField
     seed: int
     kind: str = "planes"
+    orientations: Dict[str, int] = field(default_factory=dict)
     _points: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     # -- construction ------------------------------------------------------------------------------
@@ -325,6 +334,28 @@ class SyntheticScene:
         i = self.index(name)
         R, C = self.rotations[i], self.centers[i]
         return pycolmap.Rigid3d(pycolmap.Rotation3d(R), -R @ C)
+
+    def stored_size(self, name: str) -> Tuple[int, int]:
+        """(W, H) of the stored pixels of an image's file (swapped for orientations 5..8)."""
+        W, H = self.image_size
+        return (H, W) if self.orientations.get(name, 1) in (5, 6, 7, 8) else (W, H)
+
+    def stored_to_render(self, name: str, xy: np.ndarray) -> np.ndarray:
+        """Map hloc pixels (N, 2) of the stored file of an image to the rendered (upright) frame."""
+        return stored_to_upright(np.asarray(xy, np.float64).reshape(-1, 2), self.orientations.get(name, 1),
+                                 self.stored_size(name))
+
+    def stored_rotation(self, name: str) -> np.ndarray:
+        """cam_from_world rotation (3, 3) of the camera of the stored pixels: the true rotation turned about
+        the optical axis for orientations 3, 6 and 8 (mirrored orientations have no such camera)."""
+        i = self.index(name)
+        c = self.stored_to_render(name, np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+        a = np.stack([c[1] - c[0], c[2] - c[0]], axis=1)   # d(render) / d(stored), orthogonal
+        if np.linalg.det(a) < 0:
+            raise ValueError(f"{name}: a mirrored orientation has no pinhole camera")
+        q = np.eye(3)
+        q[:2, :2] = a.T                                     # render camera frame -> stored camera frame
+        return q @ self.rotations[i]
 
     def reconstruction(self, per_image_cameras: bool = False) -> pycolmap.Reconstruction:
         """Ground-truth reconstruction (no 3D points): image_id = index + 1, one camera per group
@@ -449,11 +480,23 @@ class SyntheticScene:
         return img
 
     def write_images(self, folder: str | os.PathLike) -> List[str]:
-        """Write every image as PNG under ``folder`` (creating subfolders); return the names."""
+        """Write every image as PNG under ``folder`` (creating subfolders); return the names.
+
+        An image with an orientation other than 1 is stored un-rotated, with the EXIF tag."""
         for name in self.names:
             path = os.path.join(os.fspath(folder), name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(self.render(name)).save(path)
+            rendered = self.render(name)
+            orientation = self.orientations.get(name, 1)
+            if orientation == 1:
+                Image.fromarray(rendered).save(path)
+                continue
+            W, H = self.stored_size(name)
+            uv = np.rint(self.stored_to_render(name, pixel_grid(W, H).reshape(-1, 2))).astype(np.int64)
+            stored = rendered[uv[:, 1], uv[:, 0]].reshape(H, W, 3)
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            Image.fromarray(stored).save(path, exif=exif)
         return list(self.names)
 
     def descriptor_field(self, X: np.ndarray) -> np.ndarray:
@@ -510,6 +553,8 @@ class SyntheticNetwork:
         for array in (self.scene.rotations, self.scene.centers, self.scene.focals, self.scene.descriptors.freq,
                       self.scene.descriptors.phase, np.asarray(self.scene.image_size)):
             digest.update(np.ascontiguousarray(array, np.float64).tobytes())
+        if any(o != 1 for o in self.scene.orientations.values()):
+            digest.update(repr(sorted(self.scene.orientations.items())).encode("utf-8"))
         return {"network": "synthetic", "scene": digest.hexdigest()[:16], "conf_valid": self.conf_valid,
                 "conf_invalid": self.conf_invalid, "noise": self.noise, "field_scale": self.field_scale}
 
@@ -527,7 +572,8 @@ class SyntheticNetwork:
                  shape: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """Dense descriptors of one (H, W) image or crop of ``name`` (``window``: None or the crop)."""
         H, W = shape
-        X, valid, _ = self.scene.cast(name, to_original(pixel_grid(W, H).reshape(-1, 2)))
+        stored = to_original(pixel_grid(W, H).reshape(-1, 2))   # the matcher's frame: the stored file
+        X, valid, _ = self.scene.cast(name, self.scene.stored_to_render(name, stored))
         desc = np.empty((H * W, DESC_DIM), np.float32)
         desc[valid] = self.scene.descriptors(self.field_scale * X[valid])
         rng = np.random.default_rng([self.scene.seed, self.scene.index(name), 7919, *(window or ())])
@@ -594,7 +640,8 @@ def pose_errors(reconstruction: pycolmap.Reconstruction, scene: SyntheticScene) 
     distance. Rotations are compared after their own alignment, the geodesic median of
     ``R_est_i^T R_true_i`` (:func:`rotation_median`), which is robust and does not inherit the poor
     conditioning of a centre alignment (cameras on an arc barely constrain its tilt): one camera
-    rotated by 1 degree shows an error of exactly 1 degree and the others 0.
+    rotated by 1 degree shows an error of exactly 1 degree and the others 0. The true rotation of an
+    image with an EXIF orientation is that of its stored pixels (:meth:`SyntheticScene.stored_rotation`).
 
     Returns a dict with ``rotation_deg`` and ``center_rel`` ({name: error}; the centre error is in
     units of ``scene.scene_size``), ``registered`` and ``unregistered`` (name lists in scene order),
@@ -621,7 +668,7 @@ def pose_errors(reconstruction: pycolmap.Reconstruction, scene: SyntheticScene) 
         s, R, t = umeyama(src, tgt)
         sim3 = (s, R, t)
         # world_est_from_world_true rotation per image; cam_from_true = R_est @ A.
-        A_i = np.stack([est[n][0].T @ scene.rotations[scene.index(n)] for n in registered])
+        A_i = np.stack([est[n][0].T @ scene.stored_rotation(n) for n in registered])
         A = rotation_median(A_i)
         for n, c_true, a_i in zip(registered, tgt, A_i):
             rot_err[n] = float(np.degrees(Rotation.from_matrix(A.T @ a_i).magnitude()))
