@@ -130,43 +130,6 @@ def _check_queries(results: Path, scene, sim3=None) -> dict:
     return errors
 
 
-def _sift_model(scene, names, stride: int = 24) -> pycolmap.Reconstruction:
-    """The SIFT-model stand-in: true poses and true 3D points on a pixel grid of each image, with tracks in
-    every image that sees them (points2D in COLMAP's convention)."""
-    W, H = scene.image_size
-    ys, xs = np.mgrid[stride // 2:H:stride, stride // 2:W:stride]
-    grid = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
-    keypoints = {n: [] for n in names}
-    tracks = []
-    for seed in names:
-        X, valid, _ = scene.cast(seed, grid)
-        X = X[valid]
-        seen = {n: scene.visible(n, X) for n in names}
-        for k in range(len(X)):
-            obs = [(n, xy[k]) for n, (xy, vis) in seen.items() if vis[k]]
-            if len(obs) < 2:
-                continue
-            elements = []
-            for n, xy in obs:
-                keypoints[n].append(xy + 0.5)
-                elements.append((n, len(keypoints[n]) - 1))
-            tracks.append((X[k], elements))
-    rec = pycolmap.Reconstruction()
-    for name in names:
-        cam = scene.camera(name)
-        if not rec.exists_camera(cam.camera_id):
-            rec.add_camera_with_trivial_rig(cam)
-        image = pycolmap.Image(name=name, keypoints=np.asarray(keypoints[name]).reshape(-1, 2),
-                               camera_id=cam.camera_id, image_id=scene.index(name) + 1)
-        rec.add_image_with_trivial_frame(image, scene.cam_from_world(name))
-    for xyz, els in tracks:
-        track = pycolmap.Track()
-        for n, idx in els:
-            track.add_element(scene.index(n) + 1, idx)
-        rec.add_point3D(np.asarray(xyz, np.float64), track)
-    return rec
-
-
 # ---- confs and file naming ----------------------------------------------------------------------
 
 
@@ -280,7 +243,7 @@ def test_aachen_v1_1_flow(world, oracle, hloc, tmp_path):
     outputs.mkdir()
     sift_sfm = tmp_path / "sift"
     sift_sfm.mkdir()
-    _sift_model(scene, _references(scene)).write(str(sift_sfm))
+    scene.true_model(_references(scene), stride=24).write(str(sift_sfm))  # the SIFT model stand-in
     ns = {"sift_sfm": sift_sfm, "sfm_pairs": outputs / "pairs-db-covis3.txt", "num_covis": 3, "images": images,
           "outputs": outputs, "reference_sfm": outputs / "sfm_mast3r",
           "loc_pairs": _retrieval(scene, outputs / "pairs-query-netvlad3.txt"),

@@ -63,50 +63,6 @@ def _known_poses(scene: SyntheticScene, names) -> pycolmap.Reconstruction:
     return rec
 
 
-def _true_model(scene: SyntheticScene, names, stride: int = 16, groups=None) -> pycolmap.Reconstruction:
-    """A reference model with true 3D points: pixels on a grid of each image, observed by every image of
-    the same group (default: all) that sees them; points2D in COLMAP's convention (hloc + 0.5)."""
-    groups = groups or [list(names)]
-    group_of = {n: g for g, members in enumerate(groups) for n in members}
-    W, H = scene.image_size
-    ys, xs = np.mgrid[stride // 2:H:stride, stride // 2:W:stride]
-    grid = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
-    keypoints = {n: [] for n in names}
-    tracks = []                                      # (xyz, [(name, point2D index)])
-    for seed in names:
-        X, valid, _ = scene.cast(seed, grid)
-        X = X[valid]
-        seen = {}
-        for other in names:
-            if group_of[other] != group_of[seed]:
-                continue
-            xy, vis = scene.visible(other, X)
-            seen[other] = (xy, vis)
-        for k in range(len(X)):
-            obs = [(n, xy[k]) for n, (xy, vis) in seen.items() if vis[k]]
-            if len(obs) < 2:
-                continue
-            els = []
-            for n, xy in obs:
-                keypoints[n].append(xy + 0.5)
-                els.append((n, len(keypoints[n]) - 1))
-            tracks.append((X[k], els))
-    rec = pycolmap.Reconstruction()
-    for name in names:
-        cam = scene.camera(name)
-        if not rec.exists_camera(cam.camera_id):
-            rec.add_camera_with_trivial_rig(cam)
-        kps = np.asarray(keypoints[name], np.float64).reshape(-1, 2)
-        image = pycolmap.Image(name=name, keypoints=kps, camera_id=cam.camera_id, image_id=scene.index(name) + 1)
-        rec.add_image_with_trivial_frame(image, scene.cam_from_world(name))
-    for xyz, els in tracks:
-        track = pycolmap.Track()
-        for n, idx in els:
-            track.add_element(scene.index(n) + 1, idx)
-        rec.add_point3D(np.asarray(xyz, np.float64), track)
-    return rec
-
-
 class ExactMatcher:
     """Matches a query with a reference image of a true model exactly: every observed reference keypoint
     (hloc convention) with the true projection of its 3D point in the query."""
@@ -254,7 +210,7 @@ def test_exact_matches_pin_the_pixel_conventions(mapped):
     """Exact correspondences give an exact pose only if both the +0.5 of the query's 2D points and the
     -0.5 of the reference keypoints are right (half a pixel off would be ~0.05 deg here)."""
     scene = mapped.scene
-    truth_model = _true_model(scene, mapped.db_names)
+    truth_model = scene.true_model(mapped.db_names)
     matcher = ExactMatcher(scene, truth_model)
     queries = {q: scene.camera(q) for q in mapped.query_names[:4]}
     retrieval = {q: mapped.retrieval[q] for q in queries}
@@ -295,7 +251,7 @@ def test_covisibility_clustering(mapped):
     """Two disconnected groups of reference images: PnP per cluster, the one with most inliers wins."""
     scene = mapped.scene
     near, far = ["cam_006.png", "cam_008.png", "cam_010.png"], ["cam_016.png", "cam_018.png", "cam_020.png"]
-    model = _true_model(scene, near + far, groups=[near, far])
+    model = scene.true_model(near + far, groups=[near, far])
     assert loc.covisibility_clusters(model, far[:1] + near + far[1:]) == [far, near]
     q = "cam_007.png"
     retrieval = {q: ["cam_018.png", "cam_006.png", "cam_008.png", "cam_016.png"]}
@@ -588,7 +544,7 @@ def test_aachen_pipeline_synthetic(tmp_path):
     day = [n for n in names if "/day/" in n]
     model_dir = dataset / "3D-models" / "aachen_v_1_1"
     model_dir.mkdir(parents=True)
-    _true_model(scene, db_names, stride=24).write_text(str(model_dir))  # the SIFT model stand-in (.txt)
+    scene.true_model(db_names, stride=24).write_text(str(model_dir))  # the SIFT model stand-in (.txt)
     (dataset / "queries").mkdir()
     for kind, qs in (("night", night), ("day", day)):
         lines = []

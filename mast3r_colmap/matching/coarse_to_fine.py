@@ -1,8 +1,7 @@
 """Geometric part of coarse-to-fine matching: choosing pairs of crops.
 
-Clean-room implementation written from the behavioural description in
-``shared/spec/mast3r.md`` section 6 (and 4.2 for the training resolutions),
-checked against the golden vectors ``tests/data/crops.npz``.
+Clean-room implementation written from a behavioural description of the official code (none of it is
+copied or imported), checked against the golden vectors ``tests/data/crops.npz``.
 
 Pipeline (what :func:`select_crop_pairs` does):
 

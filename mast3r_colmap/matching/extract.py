@@ -1,4 +1,4 @@
-"""Correspondence extraction from MASt3R descriptor maps (spec §5.2, §5.3).
+"""Correspondence extraction from MASt3R descriptor maps (the official COLMAP-export and MASt3R-SfM modes).
 
 - :func:`extract_correspondences_nonsym`: COLMAP-export mode, one inference pass, FRM both
   ways, ``conf = min(conf1, conf2)``.
@@ -83,7 +83,7 @@ def extract_correspondences_nonsym(
     pixel_tol: float = 0,
     block_size: int | None = None,
 ) -> Matches:
-    """COLMAP-export correspondences (spec §5.2).
+    """COLMAP-export correspondences.
 
     FRM desc1→desc2 and desc2→desc1 (with ``pixel_tol > 0``: one iteration from each image's
     S-grid, starting at S//2, with that tolerance), forward pairs then backward pairs swapped,
@@ -110,7 +110,7 @@ def extract_correspondences_symmetric(
     subsample: int = 8,
     block_size: int | None = None,
 ) -> Matches:
-    """MASt3R-SfM correspondences (spec §5.3) from both symmetric-inference passes.
+    """MASt3R-SfM correspondences from both symmetric-inference passes.
 
     Args:
         descs: ``[d11, d21, d22, d12]``: image 1 / image 2 through head 1 / head 2 of the (1,2)

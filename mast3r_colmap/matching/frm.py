@@ -1,7 +1,7 @@
 """Fast reciprocal nearest-neighbour matching (FRM) of dense descriptor maps.
 
-Clean-room implementation of the behaviour documented in ``spec/mast3r.md`` §5.1:
-seeds on a sub-sampled grid of image 1 walk image 1 -> image 2 -> image 1 along
+Clean-room implementation of the official behaviour (checked against the golden vectors
+``tests/data/frm*.npz``): seeds on a sub-sampled grid of image 1 walk image 1 -> image 2 -> image 1 along
 nearest neighbours until they come back to where they started (a reciprocal pair),
 for at most 10 iterations.
 

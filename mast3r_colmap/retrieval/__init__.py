@@ -1,6 +1,6 @@
 """Image retrieval as MASt3R-SfM does it: the training-free retrieval model on MASt3R encoder tokens, and ASMK.
 
-Two files, side by side (spec §8.1): ``<prefix>_trainingfree.pth`` and ``<prefix>_codebook.pkl``.
+Two files, side by side: ``<prefix>_trainingfree.pth`` and ``<prefix>_codebook.pkl``.
 
 * :mod:`.network`: the retrieval head (configuration, modules, building it from the checkpoint);
 * :mod:`.codebook`: reading the visual words (restricted unpickling);

@@ -2,7 +2,7 @@
 
 The file sits beside the retrieval checkpoint (the checkpoint name with its last ``_``-separated token
 replaced by ``codebook.pkl``) and holds the asmk Codebook state ``{'type': 'Codebook', 'params': {'size':
-nclusters}, 'state': {'centroids': float32 (K, D)}}`` as a plain pickle (spec §8.1).
+nclusters}, 'state': {'centroids': float32 (K, D)}}`` as a plain pickle.
 
 It is read with a restricted unpickler that knows only plain containers and numpy array reconstruction
 (the names of numpy 1.x and 2.x pickles), so a codebook cannot run code. This is the project's only

@@ -1,7 +1,7 @@
 """The training-free retrieval network of MASt3R-SfM: its configuration, its modules and building it from a checkpoint.
 
 ``<prefix>_trainingfree.pth`` holds ``{'args': Namespace(prewhiten, hdims, residual, postwhiten, featweights,
-nfeat, imsize, nclusters, ...), 'model': state_dict}`` (spec §8.1) and is read by
+nfeat, imsize, nclusters, ...), 'model': state_dict}`` and is read by
 :func:`~mast3r_colmap.model.checkpoint.load_training_container` (``torch.load(weights_only=True)``, only
 ``argparse.Namespace`` allow-listed). The state_dict holds only ``prewhiten.{m,p}``, ``projector.*`` and
 ``postwhiten.{m,p}`` (whichever the args ask for); ``backbone.*`` entries are ignored (the backbone is the
@@ -12,7 +12,7 @@ Per image (:meth:`RetrievalModel.local_features`), from the encoder tokens after
 prewhiten ``(x - m) @ p`` (float64) -> projector (+ input when ``residual``) -> attention = per-token L2 norm
 -> postwhiten -> the top-``nfeat`` tokens by attention.
 
-The layout of the state_dict is not verified against the released file (spec §8.1): the projector is assumed
+The layout of the state_dict is not verified against the released file: the projector is assumed
 to be an ``nn.Sequential`` (``projector.{3i}`` Linear, ``projector.{3i+1}`` LayerNorm).
 """
 

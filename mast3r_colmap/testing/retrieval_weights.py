@@ -1,7 +1,7 @@
 """Training-free retrieval checkpoints and asmk codebooks in the official layout, for tests and benchmarks.
 
 * ``<prefix>_trainingfree.pth``: ``torch.save({'args': Namespace(...), 'model': state_dict})`` with the
-  arguments of MASt3R-SfM's retrieval model (spec §8.1) and ``prewhiten.{m,p}`` (float64), ``projector.*``
+  arguments of MASt3R-SfM's retrieval model and ``prewhiten.{m,p}`` (float64), ``projector.*``
   (an ``nn.Sequential`` of [Linear, LayerNorm, GELU] x (k - 1) + Linear) and ``postwhiten.{m,p}`` entries;
 * ``<prefix>_codebook.pkl``: ``pickle.dump({'type': 'Codebook', 'params': {'size': nclusters},
   'state': {'centroids': float32 (K, D)}})``, the asmk Codebook state.

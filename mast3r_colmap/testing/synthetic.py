@@ -371,6 +371,50 @@ class SyntheticScene:
             rec.add_image_with_trivial_frame(image, self.cam_from_world(name))
         return rec
 
+    def true_model(self, names: Sequence[str], stride: int = 16,
+                   groups: Optional[Sequence[Sequence[str]]] = None) -> pycolmap.Reconstruction:
+        """A reference model with true 3D points: pixels on a grid of each image, observed by every image of
+        the same group (default: all) that sees them; points2D in COLMAP's convention (hloc + 0.5)."""
+        groups = groups or [list(names)]
+        group_of = {n: g for g, members in enumerate(groups) for n in members}
+        W, H = self.image_size
+        ys, xs = np.mgrid[stride // 2:H:stride, stride // 2:W:stride]
+        grid = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
+        keypoints = {n: [] for n in names}
+        tracks = []                                      # (xyz, [(name, point2D index)])
+        for seed in names:
+            X, valid, _ = self.cast(seed, grid)
+            X = X[valid]
+            seen = {}
+            for other in names:
+                if group_of[other] != group_of[seed]:
+                    continue
+                xy, vis = self.visible(other, X)
+                seen[other] = (xy, vis)
+            for k in range(len(X)):
+                obs = [(n, xy[k]) for n, (xy, vis) in seen.items() if vis[k]]
+                if len(obs) < 2:
+                    continue
+                els = []
+                for n, xy in obs:
+                    keypoints[n].append(xy + 0.5)
+                    els.append((n, len(keypoints[n]) - 1))
+                tracks.append((X[k], els))
+        rec = pycolmap.Reconstruction()
+        for name in names:
+            cam = self.camera(name)
+            if not rec.exists_camera(cam.camera_id):
+                rec.add_camera_with_trivial_rig(cam)
+            kps = np.asarray(keypoints[name], np.float64).reshape(-1, 2)
+            image = pycolmap.Image(name=name, keypoints=kps, camera_id=cam.camera_id, image_id=self.index(name) + 1)
+            rec.add_image_with_trivial_frame(image, self.cam_from_world(name))
+        for xyz, els in tracks:
+            track = pycolmap.Track()
+            for n, idx in els:
+                track.add_element(self.index(n) + 1, idx)
+            rec.add_point3D(np.asarray(xyz, np.float64), track)
+        return rec
+
     def project(self, name: str, X: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Project world points (N, 3) -> (xy (N, 2) in hloc pixels, depth z (N,)); no visibility test."""
         i = self.index(name)
