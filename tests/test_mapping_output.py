@@ -131,7 +131,8 @@ def test_failed_mapping_keeps_previous_model_marked_not_current(good_db: Path, b
     assert sorted(os.listdir(fresh)) == ["mast3r-colmap.json", "summary.json"]
     assert json.loads((fresh / "summary.json").read_text())["previous"] is None
     assert mapping.incremental(good_db, scene.image_dir, fresh, options=FAST) is not None   # then a success
-    assert json.loads((fresh / "summary.json").read_text()) == good_summary
+    # another mapping run: counts equal, the reprojection error up to multi-threaded bundle adjustment's rounding
+    assert json.loads((fresh / "summary.json").read_text()) == pytest.approx(good_summary, rel=1e-5)
 
 
 @pytest.mark.parametrize("error, reason", [(RuntimeError("boom"), "RuntimeError: boom"),
