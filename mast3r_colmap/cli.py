@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from .utils import configure_colmap_logging
 
@@ -168,3 +168,12 @@ def run_cli(run: Callable[[Any], int], args: Any, interrupted_hint: str = "") ->
         log.debug("details", exc_info=True)
         log.error("%s", exc)
         return EXIT_BAD_INPUT
+
+
+def main(parser: argparse.ArgumentParser, run: Callable[[Any], int], argv: Optional[Sequence[Any]] = None,
+         interrupted_hint: str = "") -> int:
+    """The whole of a command line's ``main``: parse ``argv`` (items may be paths), set up logging from the
+    shared flags, and run the body under :func:`run_cli`'s bad-input policy."""
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    setup_logging(args.log_level)
+    return run_cli(run, args, interrupted_hint)

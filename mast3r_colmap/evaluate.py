@@ -175,9 +175,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m mast3r_colmap.evaluate RESULTS GT``: prints recall and median errors; bad input exits with 2."""
-    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    cli.setup_logging(args.log_level)
-    return cli.run_cli(_run, args)
+    return cli.main(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

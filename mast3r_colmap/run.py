@@ -80,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    cli.setup_logging(args.log_level)
-    return cli.run_cli(_run, args, "run the same command again to resume")
+    return cli.main(build_parser(), _run, argv, "run the same command again to resume")
 
 
 def _run(args: argparse.Namespace) -> int:

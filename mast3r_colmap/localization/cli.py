@@ -136,6 +136,4 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Command line entry point; bad input gives a message and exit code 2."""
-    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
-    cli.setup_logging(args.log_level)
-    return cli.run_cli(_run, args)
+    return cli.main(build_parser(), _run, argv)
