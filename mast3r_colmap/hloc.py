@@ -20,10 +20,10 @@ unless given as paths. What it does, per call:
    per call and the pairs are ordered for the encoding cache, as in the command line. An interrupted call
    resumes where it stopped; ``overwrite`` redoes keypoints and matches, but raw matches of unchanged
    pictures and weights still come from the store;
-4. :func:`~mast3r_colmap.keypoints.consolidate` turns the raw matches into shared keypoints (``cell_size``
-   cells, ``max_kps`` per new image) and one-to-one matches. With ``max_kps=None``, a new image paired
-   with a fixed image is a localisation query, as in hloc: its keypoints are the raw positions,
-   unquantised;
+4. :func:`~mast3r_colmap.keypoints.consolidate` turns the raw matches into shared keypoints (one per
+   network pixel, or per full-resolution pixel with the crops of ``mast3r_hires``; ``max_kps`` per new
+   image) and one-to-one matches. With ``max_kps=None``, a new image paired with a fixed image is a
+   localisation query, as in hloc: its keypoints are the raw positions, unquantised;
 5. the keypoints of the new images are added to the features file (``keypoints``, ``scores``,
    ``image_size``) and the matches of the new pairs to the matches file (``matches0``,
    ``matching_scores0``), both written atomically (:mod:`~mast3r_colmap.export.hloc_h5`); other entries

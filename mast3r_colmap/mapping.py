@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -46,8 +47,10 @@ from typing import Any
 
 import numpy as np
 import pycolmap
+from tqdm import tqdm
 
 from . import __version__
+from .export import focal_priors
 from .export.colmap_db import open_database
 from .options import build as build_options
 from .utils import colmap_log_to_python
@@ -55,6 +58,7 @@ from .utils import colmap_log_to_python
 __all__ = [
     "DEFAULT_SEED",
     "MARKER_FILE",
+    "camera_focals",
     "check_output",
     "database_from_reconstruction",
     "default_output_dir",
@@ -251,6 +255,42 @@ def _pick_largest(models: Mapping[int, pycolmap.Reconstruction], out: Path, tmp:
     return best
 
 
+class _RegistrationProgress:
+    """Progress of ``pycolmap.incremental_mapping`` from its callbacks: a bar over the database's images,
+    advanced by 2 when a model starts from its initial pair and by 1 for each next image. Registrations
+    of a model that COLMAP discards count too, so the bar is capped at the number of images."""
+
+    def __init__(self, total: int, progress: bool = True):
+        self.total = total
+        self.registered = 0  # registrations seen, all models of the run together
+        self.models = 0
+        self.bar = tqdm(total=total, desc="mapping", unit="img", disable=not progress)
+
+    def initial_pair(self) -> None:
+        self.models += 1
+        logger.debug("incremental mapping: model %d starts from an initial pair", self.models)
+        self._advance(2)
+
+    def next_image(self) -> None:
+        self._advance(1)
+
+    def _advance(self, n: int) -> None:
+        self.registered += n
+        logger.debug("incremental mapping: %d image registrations (%d images in the database)", self.registered,
+                     self.total)
+        self.bar.update(max(0, min(self.registered, self.total) - self.bar.n))
+        if self.models > 1:
+            self.bar.set_postfix(models=self.models)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _num_db_images(db_path: str | os.PathLike) -> int:
+    with open_database(db_path) as db:
+        return int(db.num_images())
+
+
 def _seed(seed: int | None) -> int:
     seed = DEFAULT_SEED if seed is None else int(seed)
     pycolmap.set_random_seed(seed)
@@ -268,6 +308,7 @@ def incremental(
     output_dir: str | os.PathLike,
     options: Mapping[str, Any] | pycolmap.IncrementalPipelineOptions | None = None,
     seed: int | None = None,
+    progress: bool = True,
 ) -> pycolmap.Reconstruction | None:
     """Incremental SfM (``pycolmap.incremental_mapping``).
 
@@ -275,7 +316,8 @@ def incremental(
     ``output_dir`` itself with ``summary.json``, and returned (``None`` if nothing was reconstructed or
     fewer than 2 images were registered). ``options`` overrides ``IncrementalPipelineOptions``; colours are
     extracted only if every database image exists under ``image_dir``, unless ``extract_colors`` is given.
-    Output folder rules (model files of others, failures): see the module docstring.
+    Output folder rules (model files of others, failures): see the module docstring. ``progress``: a bar
+    over the registered images (pycolmap's registration callbacks; also logged at DEBUG level).
     """
     _check_db(db_path)
     out = _prepare_output(output_dir)
@@ -284,9 +326,15 @@ def incremental(
     opts = build_options(pycolmap.IncrementalPipelineOptions, options, defaults, seed)
     with _mapping_run(out, "incremental") as tmp:
         (tmp / "models").mkdir()
-        with colmap_log_to_python(tmp):
-            models = pycolmap.incremental_mapping(str(db_path), _image_path(image_dir, out), str(tmp / "models"),
-                                                  options=opts)
+        bar = _RegistrationProgress(_num_db_images(db_path), progress)
+        try:
+            with colmap_log_to_python(tmp):
+                models = pycolmap.incremental_mapping(str(db_path), _image_path(image_dir, out),
+                                                      str(tmp / "models"), options=opts,
+                                                      initial_image_pair_callback=bar.initial_pair,
+                                                      next_image_callback=bar.next_image)
+        finally:
+            bar.close()
         return _pick_largest(models, out, tmp, "incremental")
 
 
@@ -296,11 +344,14 @@ def global_mapping(
     output_dir: str | os.PathLike,
     options: Mapping[str, Any] | pycolmap.GlobalPipelineOptions | None = None,
     seed: int | None = None,
+    progress: bool = True,
 ) -> pycolmap.Reconstruction | None:
     """Global SfM (GLOMAP, ``pycolmap.global_mapping``); output as in :func:`incremental`.
 
     GPU solvers are switched off unless pycolmap was built with CUDA. pycolmap has no colour switch
     here; without the image files pycolmap logs a warning per image and colours stay black.
+    pycolmap 4.2.1 gives global mapping no progress callback: its start and end are logged (``progress``
+    is accepted for symmetry with :func:`incremental` and unused).
     """
     _check_db(db_path)
     out = _prepare_output(output_dir)
@@ -314,8 +365,12 @@ def global_mapping(
     image_path = str(image_dir) if _images_present(db_path, image_dir) else str(out)
     with _mapping_run(out, "global") as tmp:
         (tmp / "models").mkdir()
+        logger.info("global mapping of %d images started (no progress reports from pycolmap until it ends)",
+                    _num_db_images(db_path))
+        start = time.perf_counter()
         with colmap_log_to_python(tmp):
             models = pycolmap.global_mapping(str(db_path), image_path, str(tmp / "models"), options=opts)
+        logger.info("global mapping finished in %.1f s", time.perf_counter() - start)
         return _pick_largest(models, out, tmp, "global")
 
 
@@ -425,11 +480,12 @@ def triangulate(
 # ----------------------------------------------------------------------------------------------
 
 
-def summary(reconstruction: pycolmap.Reconstruction) -> dict[str, Any]:
-    """Headline numbers of a model (plain JSON-able values)."""
+def summary(reconstruction: pycolmap.Reconstruction, database: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Headline numbers of a model (plain JSON-able values); with the ``database`` it was made from, also
+    ``cameras``: the prior and refined focal of each camera (:func:`camera_focals`)."""
     rec = reconstruction
     track_lengths = [p.track.length() for p in rec.points3D.values()]
-    return {
+    out = {
         "num_images": int(rec.num_images()),
         "num_registered_images": int(rec.num_reg_images()),
         "num_cameras": int(rec.num_cameras()),
@@ -438,6 +494,33 @@ def summary(reconstruction: pycolmap.Reconstruction) -> dict[str, Any]:
         "mean_track_length": float(np.mean(track_lengths)) if track_lengths else 0.0,
         "mean_reprojection_error": float(rec.compute_mean_reprojection_error()) if track_lengths else 0.0,
     }
+    if database is not None:
+        out["cameras"] = camera_focals(rec, database)
+    return out
+
+
+def camera_focals(reconstruction: pycolmap.Reconstruction, database: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per camera of the model (by id): ``camera_id``, ``model``, ``width``, ``height``, the focal the mapper
+    started from (``prior_focal``, the database's camera) and where it came from (``prior_source``:
+    ``"network"``, MASt3R's pointmaps, see :mod:`~.export.focal_priors`; ``"exif-or-intrinsics"``, a prior
+    COLMAP was given otherwise; ``"default"``, COLMAP's ``1.2 * max(W, H)`` guess), and the focal of the
+    model (``refined_focal``). Focals are mean focal lengths in pixels; a camera the database lacks has no
+    prior fields."""
+    estimated = focal_priors.read(database)
+    out = []
+    with open_database(database) as db:
+        for camera_id in sorted(reconstruction.cameras):
+            cam = reconstruction.cameras[camera_id]
+            entry: dict[str, Any] = {"camera_id": int(camera_id), "model": cam.model.name, "width": int(cam.width),
+                                     "height": int(cam.height)}
+            if db.exists_camera(int(camera_id)):
+                initial = db.read_camera(int(camera_id))
+                entry["prior_focal"] = float(initial.mean_focal_length())
+                entry["prior_source"] = ("network" if int(camera_id) in estimated else
+                                         "exif-or-intrinsics" if initial.has_prior_focal_length else "default")
+            entry["refined_focal"] = float(cam.mean_focal_length())
+            out.append(entry)
+    return out
 
 
 def write_summary(reconstruction: pycolmap.Reconstruction, output_dir: str | os.PathLike) -> Path:

@@ -12,6 +12,11 @@ Crash safety: raw matches go pair by pair into a :class:`~.store.MatchStore`; ke
 are written to the database in one transaction after all pairs are matched; verification and mapping
 are idempotent. A run killed at any point and started again ends with the same database.
 
+Cameras: a new camera without an EXIF focal or the user's intrinsics starts from the network's focal
+estimate (:func:`estimate_focal_priors`, before the images are imported; :func:`apply_focal_priors` right
+after, on the cameras this run created), recorded in the database (:mod:`~.export.focal_priors`); cameras
+of earlier runs never change.
+
 Re-runs never mix inputs: stored matches are reused only for unchanged image files and weights (see
 :mod:`~.store`), and a database records the pictures and settings that filled it
 (:mod:`~.export.provenance`): a re-run with a changed picture or other settings is refused before any
@@ -23,23 +28,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import pycolmap
 from tqdm import tqdm
 
+from . import export_3dgs as gs_export
 from . import mapping
-from .cameras import normalise_camera_mode, read_camera_list, read_image_info
-from .export import colmap_db, hloc_h5, provenance, scores
+from .cameras import DEFAULT_FOCAL_LENGTH_FACTOR, normalise_camera_mode, read_camera_list, read_image_info
+from .export import colmap_db, focal_priors, hloc_h5, provenance, scores
 from .images import ImageLoadError, list_images, validate_image
-from .keypoints import KeypointConfig, consolidate
+from .keypoints import KeypointConfig, consolidate_out_of_core
 from .lock import locks_database
 from .matching.schedule import schedule_pairs
 from .options import build as build_options
 from .pairs import pairs_from_spec, write_pairs
+from .report import RunReport
+from .shards import StoreChain, open_shard_stores, remove_shard_stores
 from .store import MatchStore, config_key
 from .structures import ImageKeypoints, IndexMatches, PairMatches
 from .verification import verification_options, verify_matches
@@ -89,6 +99,9 @@ class PipelineConfig:
     strict: bool = False
     seed: int = 0
     progress: bool = True
+    #: new cameras without an EXIF focal or the user's intrinsics start from the network's focal estimate
+    #: (the median over their images) instead of COLMAP's ``1.2 * max(W, H)``: see :func:`estimate_focal_priors`
+    focal_prior: bool = True
 
     def __post_init__(self) -> None:
         if self.mapper not in MAPPERS:
@@ -111,10 +124,12 @@ def default_store_path(database: str | os.PathLike) -> Path:
 
 
 def remove_run_files(database: str | os.PathLike, store_path: Optional[str | os.PathLike] = None) -> List[Path]:
-    """Delete a run's database and match store (default :func:`default_store_path`) with their SQLite
-    ``-wal`` / ``-shm`` companions, and nothing else; returns the files deleted."""
-    removed = []
-    for path in (Path(database), Path(store_path) if store_path else default_store_path(database)):
+    """Delete a run's database and match store (default :func:`default_store_path`) and the shard stores
+    beside it (:mod:`~.shards`) with their SQLite ``-wal`` / ``-shm`` companions, and nothing else; returns
+    the files deleted. A shard store still being matched raises ValueError (see :mod:`~.shards`)."""
+    store_path = Path(store_path) if store_path else default_store_path(database)
+    removed = remove_shard_stores(store_path)
+    for path in (Path(database), store_path):
         for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             if file.is_file():
                 file.unlink()
@@ -217,8 +232,9 @@ def listed_cameras(camera_intrinsics: Any, image_dir: str | os.PathLike,
 
 
 def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], store: MatchStore,
-                     progress: bool = True) -> int:
-    """Match the pairs the store does not hold yet, committing each as it finishes.
+                     progress: bool = True, on_pair: Optional[Callable[[PairMatches], Any]] = None) -> int:
+    """Match the pairs the store does not hold yet, committing each as it finishes (then ``on_pair(matches)``,
+    e.g. a shard's progress report); returns how many were matched.
 
     With a matcher that has a ``cache_size``, the pairs are matched in a cache-friendly order
     (:func:`~.matching.schedule.schedule_pairs`); the store does not depend on the order.
@@ -232,6 +248,8 @@ def match_into_store(matcher: PairMatcher, pairs: Sequence[Tuple[str, str]], sto
     bar = tqdm(total=len(todo), desc="matching", unit="pair", disable=not progress)
     for pm in matcher.match_pairs(todo):
         store.put(pm)
+        if on_pair is not None:
+            on_pair(pm)
         bar.update()
         bar.set_postfix(matches=len(pm))
     bar.close()
@@ -266,9 +284,16 @@ def _image_hashes(store: MatchStore, names: Iterable[str]) -> Dict[str, str]:
 def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pairs: Sequence[Tuple[str, str]],
                         matcher: PairMatcher, keypoint_conf: KeypointConfig = KeypointConfig(),
                         store_path: Optional[str | os.PathLike] = None, progress: bool = True,
-                        image_dir: Optional[str | os.PathLike] = None, verification_options: Any = None):
+                        image_dir: Optional[str | os.PathLike] = None, verification_options: Any = None,
+                        report: Optional[RunReport] = None, match_shards: Optional[Callable[..., Any]] = None):
     """Match the pairs the database lacks (through the resumable store), consolidate keypoints (images
     that already have keypoints keep them), write keypoints and matches in one transaction, verify.
+
+    The matches are read from the run's store and every shard store beside it (:mod:`~.shards`, read-only);
+    only the pairs that no store holds are matched, into the run's store. A sharded run passes
+    ``match_shards`` (see :mod:`~.executors`): it is called as ``match_shards(pairs, store_path=...,
+    image_dir=...)`` with the pairs that the database lacks and no store holds, and has the shards match
+    them into their stores; then the stores are read. Without shards (and without shard stores) this is a run of one store.
 
     First the image files (under ``image_dir``, default ``matcher.image_dir``; without one, only the
     settings) and :func:`database_settings` are checked against what the database records, and recorded:
@@ -277,9 +302,16 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
     ``verification_options`` (``pycolmap.TwoViewGeometryOptions`` or a dict) go to
     :func:`~.verification.verify_matches`; pairs verified by an earlier run keep their two-view geometry.
 
-    Returns ``(keypoints, matches, verified)``: the consolidated values of this call and
-    ``{pair: number of inliers}`` of the verification of ``pairs``.
+    Consolidation runs out of core (:func:`~.keypoints.consolidate_out_of_core`: memory bounded by the
+    observations of the largest image, scratch files in :func:`consolidation_scratch`), and the database write
+    reads its keypoints and matches back one at a time, in the one transaction.
+
+    Returns ``{pair: number of inliers}`` of the verification of ``pairs``.
+
+    ``report`` (a :class:`~.report.RunReport`) gets the stages matching, consolidation, database_write
+    and verification, their counts and histograms (see :func:`_report_matching`).
     """
+    report = report if report is not None else RunReport()
     image_dir = image_dir if image_dir is not None else getattr(matcher, "image_dir", None)
     settings = database_settings(matcher, keypoint_conf)
     store_path = Path(store_path) if store_path else default_store_path(database)
@@ -289,24 +321,160 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
         provenance.record(database, hashes, settings)
         with colmap_db.open_database(database) as db:
             in_db = colmap_db.existing_pairs(db)
-            fixed = colmap_db.existing_keypoints(db)
-        new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
+            new_pairs = [tuple(p) for p in pairs if frozenset(p) not in in_db]
+            with_keypoints = colmap_db.images_with_keypoints(db)
+            fixed = colmap_db.existing_keypoints(db, {n for p in new_pairs for n in p} & with_keypoints)
         if len(new_pairs) < len(pairs):
             logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
-        match_into_store(matcher, new_pairs, store, progress)
-        keypoints, matches = consolidate(store.get_many(new_pairs), keypoint_conf, fixed=fixed)
-    logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
-                sum(len(k) for k in keypoints.values()), len(keypoints),
-                sum(len(m) for m in matches), len(matches))
-    for name in ids:  # images without any match still get an (empty) keypoint set
-        if name not in keypoints and name not in fixed:
-            keypoints[name] = ImageKeypoints(name, np.zeros((0, 2)))
-    colmap_db.write_features_and_matches(database, ids, keypoints, matches)
-    scores.record(database, ids, {n: k for n, k in keypoints.items() if n not in fixed}, matches)
-    verified = verify_matches(database, pairs, options=verification_options) if pairs else {}
+        if match_shards is not None:  # a sharded run: the shards match what no store holds into their own stores
+            with open_shard_stores(store_path, store.config, image_dir) as shard_stores:
+                held = StoreChain([store, *shard_stores]).done_pairs()
+            with report.stage("matching"):
+                match_shards([p for p in new_pairs if frozenset(p) not in held], store_path=store_path,
+                             image_dir=image_dir)
+        with open_shard_stores(store_path, store.config, image_dir) as shard_stores:
+            in_shards = StoreChain(shard_stores).done_pairs()
+            with report.stage("matching"):
+                matched = match_into_store(matcher, [p for p in new_pairs if frozenset(p) not in in_shards], store,
+                                           progress)
+            with report.stage("consolidation"):
+                chain = StoreChain([store, *shard_stores])
+                scratch = consolidation_scratch(database)
+                shutil.rmtree(scratch, ignore_errors=True)  # what a killed run left
+                scratch.mkdir()
+                try:
+                    result = consolidate_out_of_core(new_pairs, lambda ix: chain.get_many([new_pairs[i] for i in ix]),
+                                                     keypoint_conf, fixed=fixed, workdir=scratch, progress=progress)
+                except BaseException:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    raise
+    try:
+        with result:
+            match_counts = result.match_counts
+            logger.info("consolidated: %d keypoints in %d images, %d matches in %d pairs",
+                        sum(result.num_keypoints.values()), len(result.keypoints), sum(match_counts), len(match_counts))
+            # images without any match still get an (empty) keypoint set
+            empty = {name: ImageKeypoints(name, np.zeros((0, 2))) for name in ids
+                     if name not in result.keypoints and name not in with_keypoints}
+            with report.stage("database_write"):  # keypoints and matches read back one at a time
+                colmap_db.write_features_and_matches(database, ids, ChainMap(result.keypoints, empty), result.matches())
+                scores.record(database, ids, ChainMap(result.keypoints.without(result.fixed), empty), result.matches())
+            raw_counts = result.raw_counts
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with report.stage("verification"):
+        verified = verify_matches(database, pairs, options=verification_options) if pairs else {}
     logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
                 len(verified))
-    return keypoints, matches, verified
+    _report_matching(report, matcher, len(pairs), len(new_pairs), matched, raw_counts, match_counts, verified)
+    return verified
+
+
+def consolidation_scratch(database: str | os.PathLike) -> Path:
+    """The folder beside the database where a run keeps the scratch files of keypoint consolidation
+    (:func:`~.keypoints.consolidate_out_of_core`): removed at the end of the run, or by the next run."""
+    database = Path(database)
+    return database.with_name(database.name + ".mast3r-consolidation")
+
+
+def _report_matching(report: RunReport, matcher: PairMatcher, num_pairs: int, num_new: int, matched: int,
+                     raw_counts: Sequence[int], match_counts: Sequence[int],
+                     verified: Mapping[Tuple[str, str], int]) -> None:
+    """Counts and histograms of :func:`match_into_database` for the run report.
+
+    * ``matches_per_pair``: raw matches (the matcher's output) of the pairs written into the database by
+      this call (matched now or taken from the match store); ``keypoint_matches_per_pair``: their
+      one-to-one keypoint matches after consolidation (what the database gets). Pairs the database held
+      already are not in these two.
+    * ``inliers_per_verified_pair``: the inliers of every pair of the run after geometric verification;
+      the first bin, [0, 1), holds the pairs that failed it.
+    * ``pairs_per_s``: pairs matched by the network per second of the matching stage, which includes
+      image loading and encoding (the encoder runs are counted; their time is not measured apart).
+    """
+    seconds = report.seconds("matching")
+    encodings = getattr(matcher, "encodings", None)
+    report.set_counts(num_pairs=num_pairs, pairs_already_in_database=num_pairs - num_new,
+                      pairs_from_store=num_new - matched, pairs_matched=matched,
+                      pairs_per_s=matched / seconds if matched and seconds > 0 else None,
+                      encoder_runs=getattr(encodings, "misses", None),
+                      encoder_cache_hits=getattr(encodings, "hits", None),
+                      num_matches=int(sum(raw_counts)), num_keypoint_matches=int(sum(match_counts)),
+                      num_verified_pairs=sum(1 for v in verified.values() if v > 0))
+    report.set_histogram("matches_per_pair", raw_counts)
+    report.set_histogram("keypoint_matches_per_pair", list(match_counts))
+    report.set_histogram("inliers_per_verified_pair", list(verified.values()))
+
+
+def _user_focal(config: PipelineConfig) -> bool:
+    """Whether the user set the focal of new cameras: ``intrinsics``, or ``image_options`` with
+    ``camera_params``, an ``existing_camera_id`` or a ``default_focal_length_factor`` of their own."""
+    if config.intrinsics:
+        return True
+    options = config.image_options
+    if options is None:
+        return False
+    given = options.todict() if isinstance(options, pycolmap.ImageReaderOptions) else dict(options)
+    factor = float(given.get("default_focal_length_factor", DEFAULT_FOCAL_LENGTH_FACTOR))
+    return (bool(given.get("camera_params")) or int(given.get("existing_camera_id", -1)) >= 0
+            or factor != DEFAULT_FOCAL_LENGTH_FACTOR)
+
+
+def estimate_focal_priors(matcher: PairMatcher, database: str | os.PathLike, image_dir: str | os.PathLike,
+                          names: Sequence[str], config: PipelineConfig,
+                          listed: Mapping[str, pycolmap.Camera]) -> Dict[str, float]:
+    """``{name: focal}`` (original pixels) from the network for the images of ``names`` that are not in the
+    database yet and have neither an EXIF focal nor a camera of ``listed``: ``matcher.focal_priors``
+    (:meth:`~.matching.matcher.Matcher.focal_priors`, one pass per image through its encoding cache).
+
+    Nothing (``{}``) with ``config.focal_prior`` off, with the user's intrinsics (:func:`_user_focal`), or
+    for a matcher without ``focal_priors``. Precedence: EXIF focal > the user's intrinsics > these
+    estimates > COLMAP's ``1.2 * max(W, H)``. Run before the images are imported, so that a run stopped
+    during this pass has written nothing, and a re-run estimates again.
+    """
+    if not config.focal_prior:
+        return {}
+    estimate = getattr(matcher, "focal_priors", None)
+    if estimate is None:
+        logger.debug("%s has no focal_priors: new cameras without an EXIF focal get COLMAP's default focal",
+                     type(matcher).__name__)
+        return {}
+    if _user_focal(config):
+        logger.debug("focal priors: not estimated, the focal of new cameras is the user's")
+        return {}
+    existing = colmap_db.image_ids(database) if Path(database).is_file() else {}
+    todo = [n for n in names if n not in existing and n not in listed
+            and read_image_info(Path(image_dir) / n).focal is None]
+    if not todo:
+        return {}
+    estimates = dict(estimate(todo))
+    logger.info("focal priors: network estimates for %d of %d new images without an EXIF focal", len(estimates),
+                len(todo))
+    return estimates
+
+
+def apply_focal_priors(db: pycolmap.Database, estimates: Mapping[str, float],
+                       cameras_before: Iterable[int]) -> Tuple[Dict[int, float], Dict[int, int]]:
+    """Give each camera created by this run (not in ``cameras_before``) without a focal prior the median of
+    the ``estimates`` of its images, as a prior (:func:`~.export.focal_priors.set_camera_focals`); cameras
+    that existed before, or have an EXIF or user focal, never change. Returns ``({camera_id: focal},
+    {camera_id: number of images})`` of the cameras set."""
+    before = {int(c) for c in cameras_before}
+    members: Dict[int, List[str]] = {}
+    for image in db.read_all_images():
+        if image.name in estimates and int(image.camera_id) not in before:
+            members.setdefault(int(image.camera_id), []).append(image.name)
+    focals, counts = {}, {}
+    for camera_id, images in sorted(members.items()):
+        cam = db.read_camera(camera_id)
+        if cam.has_prior_focal_length:
+            continue
+        focals[camera_id] = float(np.median([estimates[n] for n in images]))
+        counts[camera_id] = len(images)
+        logger.info("camera %d (%dx%d): focal prior %.1f px from the network (median of %d images; COLMAP's "
+                    "default %.1f px)", camera_id, cam.width, cam.height, focals[camera_id], len(images),
+                    cam.mean_focal_length())
+    focal_priors.set_camera_focals(db, focals)
+    return focals, counts
 
 
 @locks_database("database")
@@ -315,7 +483,9 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
                 export_h5: Optional[str | os.PathLike] = None,
                 store_path: Optional[str | os.PathLike] = None,
                 descriptors_fn=None, names: Optional[Sequence[str]] = None,
-                similarity_fn=None, overwrite: bool = False) -> Dict[str, Any]:
+                similarity_fn=None, overwrite: bool = False, report: Optional[RunReport] = None,
+                export_3dgs: Optional[str | os.PathLike] = None,
+                match_shards: Optional[Callable[..., Any]] = None) -> Dict[str, Any]:
     """Run the whole pipeline; returns a summary dict (the mapping summary when a mapper ran).
 
     ``names`` (relative image paths) defaults to :func:`usable_images` of ``image_dir``.
@@ -323,21 +493,42 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     :func:`~.pairs.pairs_from_spec`; ``similarity_fn``, e.g. ASMK scores, takes precedence).
     An existing database is extended (resumed) only with the same pictures and settings, else a
     ValueError is raised before anything is written; ``overwrite`` deletes the database and the match
-    store first (see :func:`remove_run_files`).
+    stores first (see :func:`remove_run_files`).
+
+    Matches of shard stores beside the run's store are used (:mod:`~.shards`); ``match_shards`` (a
+    sharded run, see :mod:`~.executors`) has the pairs the database lacks matched in shards first (see
+    :func:`match_into_database`).
 
     One run per database: the call holds :func:`~.lock.database_lock` throughout, and a database in use
     by another run raises ValueError at once. Image names that cannot work are refused before any
     matching (:func:`check_image_names`).
+
+    ``report`` (a :class:`~.report.RunReport`, see :mod:`~.report`) gets the settings, the wall time of
+    each stage (image_check, pairs, focal_priors, database_write, matching, consolidation, verification,
+    hloc_export, mapping), counts, histograms and the model's numbers; a stage that raises is recorded in it before
+    the exception goes on. The caller writes it.
+
+    ``export_3dgs``: a folder that gets the model undistorted for Gaussian Splatting after a successful
+    mapping (:func:`~.export_3dgs.export_3dgs`; stage export_3dgs). An earlier export there is replaced, a
+    folder of someone else or ``mapper="none"`` is refused before any matching.
     """
+    report = report if report is not None else RunReport()
     image_dir, database = Path(image_dir), Path(database)
     if not image_dir.is_dir():
         raise ValueError(f"image folder {str(image_dir)!r} does not exist or is not a folder")
-    names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
-    logger.info("%d images in %s", len(names), image_dir)
-    check_image_names(names, export_h5=export_h5 is not None)
+    report.update_settings(_report_settings(config, export_h5))
+    with report.stage("image_check"):
+        names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
+        logger.info("%d images in %s", len(names), image_dir)
+        check_image_names(names, export_h5=export_h5 is not None)
+    report.set_counts(num_images=len(names))
     out = Path(output_dir) if output_dir else mapping.default_output_dir(database)
     if config.mapper != "none":
         mapping.check_output(out)  # a model we did not write is never replaced: refuse before matching
+    if export_3dgs is not None:  # no model to export, or a folder we must not replace: refuse before matching
+        if config.mapper == "none":
+            raise ValueError("export_3dgs (--export-3dgs) needs a model: not with mapper 'none'")
+        gs_export.check_output(export_3dgs, overwrite=True, model_dir=out, image_dir=image_dir)
 
     store_path = Path(store_path) if store_path else default_store_path(database)
     if overwrite:
@@ -346,32 +537,67 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
         settings = database_settings(matcher, config.keypoints)
         with MatchStore(store_path, config_key(settings["matcher"]), image_dir) as store:
             provenance.check(database, _image_hashes(store, names), settings)
-    pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
-                            similarity_fn=similarity_fn)  # a bad pairs file fails before the database is written
+    report.update_settings(database_settings(matcher, config.keypoints))
+    with report.stage("pairs"):
+        pairs = pairs_from_spec(config.pairs, names, descriptors_fn=descriptors_fn, seed=config.seed,
+                                similarity_fn=similarity_fn)  # a bad pairs file fails before the database is written
     logger.info("%d pairs (%s)", len(pairs), config.pairs)
     cameras = listed_cameras(config.camera_intrinsics, image_dir, names)
-    with colmap_db.open_database(database) as db:
+    with report.stage("focal_priors"):
+        estimates = estimate_focal_priors(matcher, database, image_dir, names, config, cameras)
+    estimated = focal_priors.read(database)
+    with report.stage("database_write"), colmap_db.open_database(database) as db:
+        cameras_before = [c.camera_id for c in db.read_all_cameras()]
         ids = colmap_db.import_images(db, image_dir, names, config.camera_mode, config.camera_model,
-                                      config.intrinsics, options=config.image_options, cameras=cameras)
+                                      config.intrinsics, options=config.image_options, cameras=cameras,
+                                      estimated_cameras=estimated)
+        focals, counts = apply_focal_priors(db, estimates, cameras_before) if estimates else ({}, {})
+    focal_priors.record(database, focals, counts)
+    report.set_counts(num_network_focal_priors=len(focals))
 
-    keypoints, matches, verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
-                                                       store_path, config.progress, image_dir=image_dir,
-                                                       verification_options=config.verification_options)
+    verified = match_into_database(database, ids, pairs, matcher, config.keypoints,
+                                   store_path, config.progress, image_dir=image_dir,
+                                   verification_options=config.verification_options,
+                                   report=report, match_shards=match_shards)
     n_verified = sum(1 for v in verified.values() if v > 0)
 
     if export_h5 is not None:
-        export_hloc(export_h5, database, image_dir, pairs)
+        with report.stage("hloc_export"):
+            export_hloc(export_h5, database, image_dir, pairs)
 
     result: Dict[str, Any] = {"num_images": len(names), "num_pairs": len(pairs), "num_verified_pairs": n_verified}
     if config.mapper != "none":
         run = mapping.incremental if config.mapper == "incremental" else mapping.global_mapping
-        rec = run(database, image_dir, out, options=config.mapper_options, seed=config.seed)
+        with report.stage("mapping"):
+            rec = run(database, image_dir, out, options=config.mapper_options, seed=config.seed,
+                      progress=config.progress)
         if rec is None:  # the mapper logged why and marked the output folder (see mapping)
             result.update(num_registered_images=0)
+            if export_3dgs is not None:
+                logger.warning("no model: nothing exported for Gaussian Splatting to %s", export_3dgs)
+            report.record_error("NoModel", f"the {config.mapper} mapper made no model with at least 2 registered "
+                                           f"images ({n_verified} of {len(pairs)} pairs passed geometric "
+                                           "verification)", stage="mapping")
         else:
-            result.update(mapping.summary(rec))
+            result.update(mapping.summary(rec, database))
             result["model"] = str(out)
+            report.set_model(mapping.summary(rec))
+            if export_3dgs is not None:  # the model was rewritten: so is its export (ours only, checked above)
+                with report.stage("export_3dgs"):
+                    result["export_3dgs"] = str(gs_export.export_3dgs(out, image_dir, export_3dgs, overwrite=True))
     return result
+
+
+def _report_settings(config: PipelineConfig, export_h5: Optional[str | os.PathLike]) -> Dict[str, Any]:
+    """The settings of :class:`PipelineConfig` that a run report records (the matcher's and keypoints'
+    come from :func:`database_settings`)."""
+    return {"pairs": config.pairs, "camera_mode": normalise_camera_mode(config.camera_mode),
+            "camera_model": config.camera_model, "intrinsics": config.intrinsics,
+            "camera_intrinsics": (f"{len(config.camera_intrinsics)} cameras"
+                                  if isinstance(config.camera_intrinsics, Mapping) else config.camera_intrinsics),
+            "image_options": config.image_options, "verification_options": config.verification_options,
+            "mapper": config.mapper, "mapper_options": config.mapper_options, "strict": config.strict,
+            "seed": config.seed, "export_h5": export_h5, "focal_prior": config.focal_prior}
 
 
 def export_hloc(folder: str | os.PathLike, database: str | os.PathLike, image_dir: str | os.PathLike,

@@ -11,6 +11,11 @@ configuration, or a new picture under an old name, never reuses stale matches (t
 again and its row replaced). File hashes are kept in a fingerprint table: a file whose size and
 modification time (ns) are unchanged is not read again. A store opened without an image folder cannot
 hash files and keys pairs by their names only.
+
+Each row also keeps the sampling grid of each side (:class:`~.structures.SamplingGrid`, NULL for none)
+and the row format it was written in (:data:`FORMAT`). Rows of another format, such as those of a
+store written before grids were kept (format 1), are never reused: their pairs are matched again and
+the rows replaced, so no match is read back without the grid it was made on.
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
-from .structures import PairMatches
+from .structures import PairMatches, SamplingGrid
 
 logger = logging.getLogger(__name__)
+
+#: The row format written by this version: 2 = with sampling grids (1: the rows of earlier versions).
+FORMAT = 2
 
 _SCHEMA = ("""
 CREATE TABLE IF NOT EXISTS pair_matches (
@@ -40,6 +48,9 @@ CREATE TABLE IF NOT EXISTS pair_matches (
     scores BLOB NOT NULL,
     hash0 TEXT NOT NULL,  -- sha256 of the files when matched ('' without an image folder)
     hash1 TEXT NOT NULL,
+    grid0 BLOB,           -- SamplingGrid (ox, oy, sx, sy) as 4 little-endian float64, NULL for none
+    grid1 BLOB,
+    format INTEGER NOT NULL DEFAULT 1,  -- rows of another format than FORMAT are never reused
     PRIMARY KEY (config, name0, name1)
 )""", """
 CREATE TABLE IF NOT EXISTS file_hashes (
@@ -56,6 +67,14 @@ def config_key(settings: Mapping[str, Any]) -> str:
     """A short stable digest of the settings that determine the matches."""
     text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _grid_blob(grid: Optional[SamplingGrid]) -> Optional[bytes]:
+    return None if grid is None else np.array([grid.ox, grid.oy, grid.sx, grid.sy], "<f8").tobytes()
+
+
+def _grid_of(blob: Optional[bytes]) -> Optional[SamplingGrid]:
+    return None if blob is None else SamplingGrid(*np.frombuffer(blob, "<f8").tolist())
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -75,21 +94,32 @@ class MatchStore:
     files have the content they had when it was matched (:meth:`file_hash`).
     """
 
-    def __init__(self, path: str | os.PathLike, config: str, image_dir: Optional[str | os.PathLike] = None):
+    def __init__(self, path: str | os.PathLike, config: str, image_dir: Optional[str | os.PathLike] = None,
+                 read_only: bool = False):
         self.path = Path(path)
         self.config = config
         self.image_dir = Path(image_dir) if image_dir is not None else None
+        #: opened with SQLite's ``mode=ro`` (e.g. the shard stores a merge reads): nothing is ever written to it,
+        #: not even file fingerprints (a file not in its fingerprint table is hashed again, in memory only)
+        self.read_only = read_only
         self._hashes: Dict[str, str] = {}
         try:
-            self._db = sqlite3.connect(str(self.path))
+            if read_only and not self.path.is_file():
+                raise sqlite3.OperationalError("no such file")
+            self._db = (sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True) if read_only
+                        else sqlite3.connect(str(self.path)))
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             for statement in _SCHEMA:
                 self._db.execute(statement)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(pair_matches)")}
-            for column in ("hash0", "hash1"):  # a store of an older version: its rows are never reused
-                if column not in columns:
-                    self._db.execute(f"ALTER TABLE pair_matches ADD COLUMN {column} TEXT NOT NULL DEFAULT '-'")
+            # a store of an older version: its rows are never reused (read-only: it holds no usable row)
+            added = [(c, k) for c, k in (("hash0", "TEXT NOT NULL DEFAULT '-'"), ("hash1", "TEXT NOT NULL DEFAULT '-'"),
+                                         ("grid0", "BLOB"), ("grid1", "BLOB"),
+                                         ("format", "INTEGER NOT NULL DEFAULT 1")) if c not in columns]
+            self._outdated = bool(added) and read_only
+            for column, kind in ([] if read_only else added):
+                self._db.execute(f"ALTER TABLE pair_matches ADD COLUMN {column} {kind}")
             self._db.commit()
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the match store {str(self.path)!r}: {exc}") from None
@@ -123,9 +153,10 @@ class MatchStore:
             digest = row[0]
         else:
             digest = file_sha256(path)
-            with self._db:
-                self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
-                                 (path, st.st_size, st.st_mtime_ns, digest))
+            if not self.read_only:
+                with self._db:
+                    self._db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
+                                     (path, st.st_size, st.st_mtime_ns, digest))
             logger.debug("hashed %s: %s", path, digest[:12])
         self._hashes[name] = digest
         return digest
@@ -150,14 +181,18 @@ class MatchStore:
 
     def done_pairs(self) -> Set[frozenset]:
         """The unordered pairs stored for this configuration whose image files are unchanged."""
-        rows = self._db.execute("SELECT name0, name1, hash0, hash1 FROM pair_matches WHERE config = ?",
-                                (self.config,)).fetchall()
+        if self._outdated:
+            return set()
+        rows = self._db.execute("SELECT name0, name1, hash0, hash1 FROM pair_matches WHERE config = ? AND "
+                                "format = ?", (self.config, FORMAT)).fetchall()
         return {frozenset((a, b)) for a, b, h0, h1 in rows if self._fresh(a, b, h0, h1)}
 
     def _row(self, name0: str, name1: str, columns: str) -> Optional[tuple]:
         """The columns of the fresh row of an ordered (``name0 < name1``) pair, None if absent or stale."""
+        if self._outdated:
+            return None
         row = self._db.execute(f"SELECT hash0, hash1, {columns} FROM pair_matches WHERE config = ? AND "
-                               "name0 = ? AND name1 = ?", (self.config, name0, name1)).fetchone()
+                               "name0 = ? AND name1 = ? AND format = ?", (self.config, name0, name1, FORMAT)).fetchone()
         if row is None or not self._fresh(name0, name1, row[0], row[1]):
             return None
         return row[2:]
@@ -173,20 +208,22 @@ class MatchStore:
         hash0, hash1 = (self.file_hash(n) or "" for n in (matches.name0, matches.name1))
         with self._db:  # one transaction
             self._db.execute(
-                "INSERT OR REPLACE INTO pair_matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO pair_matches (config, name0, name1, num, xy0, xy1, scores, hash0, hash1, "
+                "grid0, grid1, format) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.config, matches.name0, matches.name1, len(matches),
                  matches.xy0.astype("<f4").tobytes(), matches.xy1.astype("<f4").tobytes(),
-                 matches.scores.astype("<f4").tobytes(), hash0, hash1))
+                 matches.scores.astype("<f4").tobytes(), hash0, hash1,
+                 _grid_blob(matches.grid0), _grid_blob(matches.grid1), FORMAT))
 
     def get(self, name0: str, name1: str) -> PairMatches:
         """The stored matches of a pair, oriented as (name0, name1). KeyError if absent or stale."""
         a, b, swap = self._key(name0, name1)
-        row = self._row(a, b, "num, xy0, xy1, scores")
+        row = self._row(a, b, "num, xy0, xy1, scores, grid0, grid1")
         if row is None:
             raise KeyError((name0, name1))
-        num, xy0, xy1, scores = row
+        num, xy0, xy1, scores, grid0, grid1 = row
         pm = PairMatches(a, b, np.frombuffer(xy0, "<f4").reshape(num, 2), np.frombuffer(xy1, "<f4").reshape(num, 2),
-                         np.frombuffer(scores, "<f4"))
+                         np.frombuffer(scores, "<f4"), _grid_of(grid0), _grid_of(grid1))
         return pm.swapped() if swap else pm
 
     def get_many(self, pairs: Iterable[Tuple[str, str]]) -> Iterator[PairMatches]:

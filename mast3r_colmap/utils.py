@@ -40,6 +40,19 @@ def text_records(path: str | os.PathLike) -> Iterator[Tuple[str, List[str]]]:
                 yield f"{path}:{lineno}", line.split()
 
 
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, since ``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file beside ``path`` to write; moved onto ``path`` with ``os.replace`` when the block
@@ -48,6 +61,7 @@ def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode of a plainly created file
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:

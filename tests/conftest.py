@@ -126,11 +126,16 @@ def images(tmp_path) -> Path:
     return folder
 
 
-def run_main(argv, caplog) -> tuple[int, str]:
-    """``mast3r_colmap.run.main(argv + ["--no-progress"])`` in process: (exit code, log text)."""
+def run_main(argv, caplog, focal_prior: bool = False) -> tuple[int, str]:
+    """``mast3r_colmap.run.main(argv + ["--no-progress"])`` in process: (exit code, log text).
+
+    Without ``focal_prior`` the run gets ``--no-focal-prior``: the focal pass of the random test weights costs
+    a full-head decode per image and tells these tests nothing (tests/test_focal.py covers it).
+    """
     from mast3r_colmap.run import main
 
     caplog.clear()
+    extra = ["--no-progress"] + ([] if focal_prior else ["--no-focal-prior"])
     with caplog.at_level(logging.INFO):
-        code = main([str(a) for a in argv] + ["--no-progress"])
+        code = main([str(a) for a in argv] + extra)
     return code, caplog.text

@@ -20,23 +20,30 @@ ALLOWED: dict[str, set[str]] = {
     "utils": set(),
     "options": set(),
     "lock": set(),
+    "report": _BASE,  # the run report: plain values, no torch or pycolmap import at module level
     "images": _BASE,
     "cameras": _BASE,
+    "focal": _BASE,  # numpy only: the focal length of a pointmap
     "store": _BASE,
     "keypoints": _BASE,
+    "shards": _BASE | {"store", "matching"},  # cutting the pairs into shards; the shard stores beside the run's store
     "model": _BASE,
-    "matching": _BASE | {"images", "model"},
+    "matching": _BASE | {"images", "model", "focal"},
     "pairs": _BASE,
     "retrieval": _BASE | {"images", "model"},
     "export": _BASE | {"cameras"},
     "verification": _BASE | {"export"},
     "mapping": _BASE | {"export"},
+    "export_3dgs": _BASE | {"mapping", "cli"},  # the model undistorted for Gaussian Splatting, and its command line
     "pipeline": _BASE | {"images", "cameras", "store", "keypoints", "matching", "pairs", "export", "verification",
-                         "mapping"},
+                         "mapping", "report", "export_3dgs", "shards"},
+    # who matches the shards (this process, torchrun's ranks, Ray tasks), merged by the pipeline
+    "executors": _BASE | {"store", "matching", "shards", "pipeline"},
     "localization": _BASE | {"images", "cameras", "store", "keypoints", "matching", "pairs", "export",
                              "verification", "mapping", "pipeline", "cli"},
     "hloc": _BASE | {"images", "store", "keypoints", "matching", "pairs", "export", "pipeline", "cli"},
     "evaluate": _BASE | {"cli"},
+    "visualize": _BASE | {"export", "mapping", "cli"},  # pictures of matches and models, and their command line
     # the command lines: argument parsing and wiring, on top of everything
     "cli": _BASE | {"model", "matching"},
     "run": None,

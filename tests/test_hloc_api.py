@@ -19,8 +19,10 @@ import pytest
 
 from mast3r_colmap import hloc as mast3r_dense
 from mast3r_colmap.export import hloc_h5
+from mast3r_colmap.images import load_image
 from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.pairs import read_pairs, write_pairs
+from mast3r_colmap.structures import SamplingGrid
 from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene, pose_errors
 
 IMAGE_SIZE = (320, 240)
@@ -201,7 +203,9 @@ def test_reconstruction_and_localisation(world, oracle, hloc, tmp_path):
 
 
 def test_fixed_and_unquantised_keypoints(world, oracle, tmp_path):
-    """features_ref keypoints are kept and indexed as they are; localisation queries keep raw positions."""
+    """features_ref keypoints are kept and indexed as they are; localisation queries keep raw positions. The
+    matches lie on network pixels, so quantised images get one keypoint per network pixel, on its centre
+    (the raw positions of the query, too)."""
     scene, root = world
     images = root / "images"
     refs = _references(scene)[:3]
@@ -211,20 +215,27 @@ def test_fixed_and_unquantised_keypoints(world, oracle, tmp_path):
     f_ref, m_ref = mast3r_dense.main(conf, pairs, images, tmp_path)
     ref = hloc_h5.read_features(f_ref)
     cell = conf["cell_size"]
-    for kp in ref.values():       # quantised: at most one keypoint per cell
-        cells = np.floor((kp.keypoints + 0.5) / cell).astype(int)
-        assert len(np.unique(cells, axis=0)) == len(cells) > 100
+
+    def assert_one_per_network_pixel(name, xy, at_least=0):   # (xy float32, from the file)
+        g = SamplingGrid.from_map(load_image(images / name, MATCHER_CONF.image_size).to_original)
+        ij = (xy - [g.ox, g.oy]) / [g.sx, g.sy]
+        np.testing.assert_allclose(ij, np.round(ij), rtol=0, atol=1e-5)
+        assert len(np.unique(np.round(ij), axis=0)) == len(ij) > at_least
+
+    for name, kp in ref.items():  # quantised
+        assert_one_per_network_pixel(name, kp.keypoints, 100)
 
     q = _queries(scene)[0]
     write_pairs(tmp_path / "loc.txt", [(q, refs[1])])
-    for max_kps, unquantised in ((None, True), (8192, False)):
+    query_keypoints = []
+    for max_kps in (None, 8192):  # unquantised, quantised
         out = tmp_path / f"loc_{max_kps}"
         out.mkdir()
         fq, mq = mast3r_dense.main(conf, tmp_path / "loc.txt", images, out, features_ref=[f_ref], max_kps=max_kps)
         assert hloc_h5.list_h5_names(fq) == [q]            # reference keypoints are not copied
         kq = hloc_h5.read_features(fq)[q].keypoints
-        cells = np.floor((kq + 0.5) / cell).astype(int)
-        assert (len(np.unique(cells, axis=0)) < len(cells)) == unquantised
+        assert_one_per_network_pixel(q, kq)
+        query_keypoints.append(kq)
         m = hloc_h5.read_matches(mq, q, refs[1]).matches
         assert len(m) > 100 and m[:, 1].max() < len(ref[refs[1]].keypoints)
         # the matched reference keypoints see the same 3D points as the query keypoints
@@ -232,6 +243,7 @@ def test_fixed_and_unquantised_keypoints(world, oracle, tmp_path):
         xy, vis = scene.visible(q, X[valid])
         d = np.linalg.norm(xy[vis] - kq[m[valid][vis][:, 0]], axis=1)
         assert np.median(d) < cell / 2 and np.percentile(d, 80) < cell, (max_kps, np.percentile(d, [50, 80]))
+    np.testing.assert_allclose(query_keypoints[0], query_keypoints[1], rtol=0, atol=1e-4)
 
 
 def test_aachen_v1_1_flow(world, oracle, hloc, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 from mast3r_colmap.keypoints import KeypointConfig, consolidate
-from mast3r_colmap.structures import ImageKeypoints, IndexMatches, PairMatches
+from mast3r_colmap.structures import ImageKeypoints, IndexMatches, PairMatches, SamplingGrid
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,63 @@ def test_order_orientation_and_duplicates_do_not_matter():
         np.testing.assert_array_equal(a[key][1], b[key][1])
 
 
+def _snap_to(xy: np.ndarray, g: SamplingGrid) -> np.ndarray:
+    o, st = np.array([g.ox, g.oy]), np.array([g.sx, g.sy])
+    return np.round((xy - o) / st) * st + o
+
+
+def _assert_same_output(a, b) -> None:
+    (ka, ma), (kb, mb) = a, b
+    assert list(ka) == list(kb)
+    for n in ka:
+        np.testing.assert_array_equal(ka[n].keypoints, kb[n].keypoints)
+        np.testing.assert_array_equal(ka[n].scores, kb[n].scores)
+    pa, pb = by_pair(ma), by_pair(mb)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        np.testing.assert_array_equal(pa[key][0], pb[key][0])
+        np.testing.assert_array_equal(pa[key][1], pb[key][1])
+
+
+@pytest.mark.parametrize("kind", ["grid", "mixed"])
+@pytest.mark.parametrize("max_kps", [None, 150])
+def test_order_orientation_and_duplicates_do_not_matter_on_grids(kind, max_kps):
+    """The same with sampling grids (one lattice per image, steps that differ per axis and image; float32
+    coordinates as from the match store), alone or mixed with grid-less pairs and with a second grid:
+    permuted, reversed and repeated pairs give bitwise the same keypoints and matches."""
+    names, true, visible, pairs = make_scene(4, n_outliers=40, outlier_score=1.5)
+    grids = {n: SamplingGrid(0.3 + 0.1 * i, 0.2, 3.125, 2.5 + 0.25 * (i % 2)) for i, n in enumerate(names)}
+    gp = []
+    for k, p in enumerate(pairs):
+        if kind == "mixed" and k % 3 == 0:
+            gp.append(p)                                       # no grid
+        elif kind == "mixed" and k % 3 == 1:                   # whole pixels (coarse-to-fine)
+            gp.append(PairMatches(p.name0, p.name1, np.round(p.xy0), np.round(p.xy1), p.scores,
+                                  SamplingGrid(0, 0, 1, 1), SamplingGrid(0, 0, 1, 1)))
+        else:
+            g0, g1 = grids[p.name0], grids[p.name1]
+            gp.append(PairMatches(p.name0, p.name1, _snap_to(p.xy0, g0).astype(np.float32),
+                                  _snap_to(p.xy1, g1).astype(np.float32), p.scores, g0, g1))
+    conf = KeypointConfig(max_kps=max_kps)
+    ref = consolidate(gp, conf)
+    assert_valid(*ref)
+    if kind == "grid":                                         # keypoints on the lattice points, exactly
+        for n, k in ref[0].items():
+            g = grids[n]
+            np.testing.assert_array_equal(k.keypoints, np.round((k.keypoints - [g.ox, g.oy]) / [g.sx, g.sy])
+                                          * [g.sx, g.sy] + [g.ox, g.oy])
+            if max_kps is None:                                # one per distinct lattice point observed
+                obs = np.concatenate([_snap_to(p.xy0 if p.name0 == n else p.xy1, g) for p in gp if n in p.pair])
+                assert len(k) == len(np.unique(np.round(obs, 6), axis=0))
+    rng = np.random.default_rng(0)
+    shuffled = [gp[i] if rng.random() < 0.5 else gp[i].swapped() for i in rng.permutation(len(gp))]
+    _assert_same_output(ref, consolidate(iter(shuffled), conf))
+    twice = gp + [p.swapped() for p in gp[::2]]
+    mixed_twice = [twice[i] if rng.random() < 0.5 else twice[i].swapped() for i in rng.permutation(len(twice))]
+    a, b = consolidate(twice, conf), consolidate(mixed_twice, conf)
+    _assert_same_output(a, b)
+
+
 def test_repeated_pairs_are_merged():
     p = pm("A", "B", [[0, 0], [8, 0]], [[0, 0], [8, 0]], [1, 2])
     q = pm("B", "A", [[0.5, 0.5], [20, 20]], [[0.5, 0.5], [40, 40]], [3, 1])
@@ -346,21 +403,26 @@ def test_max_kps_reassigns_to_nearest_kept_keypoint():
     np.testing.assert_array_equal(m[1].matches, [[0, 0]])     # (5,1) -> kept keypoint; (13,1) dropped
 
 
+@pytest.mark.parametrize("grid", [None, SamplingGrid(0.3, 0.7, 3.125, 2.5)])
 @pytest.mark.parametrize("far", [False, True])
 @pytest.mark.parametrize("radius", [0.0, 2.0, 4.0, 6.0, 10.0])
-def test_reassignment_equals_brute_force(radius, far):
+def test_reassignment_equals_brute_force(radius, far, grid):
     """Every observation: its own cell's keypoint if kept, else the nearest kept keypoint within
     the radius (brute force). Covers the cell-table gather (reach 0..2), the cKDTree fallback
-    (reach 3) and, with a far-flung observation, the sorted (non-table) cell grouping."""
-    from mast3r_colmap.keypoints import _quantised
+    (reach 3) and, with a far-flung observation, the sorted (non-table) cell grouping; in 4-px cells
+    (weighted means) and on a sampling grid (lattice points, 2.5 px apart in y: reach up to 4)."""
+    from mast3r_colmap.keypoints import _lattice, _quantised
 
     rng = np.random.default_rng(11)
     xy = rng.uniform(0, 60, (3000, 2))
     if far:
         xy = np.vstack([xy, [[1e9, -1e9]]])
+    if grid is not None:                                # observations on lattice points
+        xy = np.round((xy - [grid.ox, grid.oy]) / [grid.sx, grid.sy]) * [grid.sx, grid.sy] + [grid.ox, grid.oy]
     w = rng.uniform(0.1, 1.0, len(xy))
-    full_kps, full_votes, full_ids = _quantised(xy, w, KeypointConfig(cell_size=4, max_kps=None))
-    kps, votes, ids = _quantised(xy, w, KeypointConfig(cell_size=4, max_kps=40, max_error=radius))
+    lattice = _lattice({grid}, 4.0)
+    full_kps, full_votes, full_ids = _quantised(xy, w, lattice, KeypointConfig(cell_size=4, max_kps=None), "A")
+    kps, votes, ids = _quantised(xy, w, lattice, KeypointConfig(cell_size=4, max_kps=40, max_error=radius), "A")
     assert len(kps) == 40
     kept = np.flatnonzero([any(np.array_equal(k, f) for k in kps) for f in full_kps])
     np.testing.assert_array_equal(full_kps[kept], kps)
@@ -368,11 +430,25 @@ def test_reassignment_equals_brute_force(radius, far):
     assert np.sort(full_votes)[-40] <= votes.min()
     own = np.full(len(full_kps), -1)
     own[kept] = np.arange(40)
-    d = np.linalg.norm(xy[:, None] - kps[None], axis=2)
-    nearest = np.where(d.min(1) <= radius, d.argmin(1), -1)
+    if grid is None:
+        d = np.linalg.norm(xy[:, None] - kps[None], axis=2)
+    else:                     # between lattice points, from whole offsets: symmetric neighbours tie exactly
+        step, origin = np.array([grid.sx, grid.sy]), np.array([grid.ox, grid.oy])
+        cells = np.round((xy - origin) / step).astype(np.int64)
+        kcells = np.round((kps - origin) / step).astype(np.int64)
+        d = np.sqrt(((((kcells[None] - cells[:, None]) * step) ** 2).sum(2)))
+    nearest = np.where(d.min(1) <= radius, d.argmin(1), -1)   # argmin: the lowest id of equal distances
     expected = np.where(own[full_ids] >= 0, own[full_ids], nearest)
-    np.testing.assert_array_equal(ids, expected)
-    assert (ids >= 0).sum() > (own[full_ids] >= 0).sum() or radius == 0
+    if grid is not None and far:                        # the cKDTree fallback: any of the nearest
+        lost = own[full_ids] < 0
+        np.testing.assert_array_equal(ids >= 0, expected >= 0)
+        np.testing.assert_array_equal(ids[~lost], expected[~lost])
+        rows = np.flatnonzero(lost & (ids >= 0))
+        np.testing.assert_allclose(d[rows, ids[rows]], d[rows].min(1), rtol=1e-12)
+    else:
+        np.testing.assert_array_equal(ids, expected)
+    nearest_other = 2.5 if grid is not None else 0.0    # no re-assignment below the lattice step
+    assert (ids >= 0).sum() > (own[full_ids] >= 0).sum() or radius < nearest_other or radius == 0
 
 
 # ---------------------------------------------------------------------------------------------

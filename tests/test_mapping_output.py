@@ -143,7 +143,7 @@ def test_error_during_mapping(good_db: Path, scene: Scene, tmp_path: Path, monke
     mapping.incremental(good_db, scene.image_dir, out, options=FAST)
     model_before = _digests(out / "models")
 
-    def fail(db, images, models_dir, options):
+    def fail(db, images, models_dir, options, **callbacks):
         Path(models_dir, "0").mkdir()
         Path(models_dir, "0", "cameras.bin").write_bytes(b"half written")
         raise error

@@ -44,6 +44,7 @@ __all__ = [
     "existing_keypoints",
     "existing_pairs",
     "image_ids",
+    "images_with_keypoints",
     "import_images",
     "id_of",
     "open_database",
@@ -134,6 +135,7 @@ def import_images(
     default_focal_length_factor: float = DEFAULT_FOCAL_LENGTH_FACTOR,
     options: Mapping | pycolmap.ImageReaderOptions | None = None,
     cameras: Mapping[str, pycolmap.Camera | None] | None = None,
+    estimated_cameras: Iterable[int] = (),
 ) -> dict[str, int]:
     """Add cameras, rigs, frames and images for ``names`` (relative to ``image_dir``).
 
@@ -159,6 +161,9 @@ def import_images(
             (its size must be the image's; images listed with the same camera share one), outside the
             ``camera_mode`` groups; a listed image already in the database must have that camera.
             ``None`` entries are ignored.
+        estimated_cameras: ids of database cameras whose focal prior an earlier run estimated with the
+            network (:func:`.focal_priors.read`): in ``auto`` mode they group like cameras without a prior,
+            so new images without an EXIF focal join them as they would have in one run over all images.
 
     Returns:
         ``{name: image_id}`` for every requested name, existing images included.
@@ -172,6 +177,7 @@ def import_images(
         options, camera_model, intrinsics, default_focal_length_factor)
     params = parse_intrinsics(intrinsics)
     listed = {str(n): c for n, c in (cameras or {}).items() if c is not None}
+    estimated_cameras = {int(c) for c in estimated_cameras}
     image_dir = Path(image_dir)
     names = list(dict.fromkeys(str(n) for n in names))
 
@@ -192,7 +198,8 @@ def import_images(
                 continue
             if mode == "auto":
                 cam = d.read_camera(img.camera_id)
-                prior = cam.mean_focal_length() if cam.has_prior_focal_length else None
+                estimated = int(img.camera_id) in estimated_cameras
+                prior = cam.mean_focal_length() if cam.has_prior_focal_length and not estimated else None
                 group_camera.setdefault((cam.width, cam.height, prior), int(img.camera_id))
             else:
                 group_camera.setdefault(camera_group_key(mode, name), int(img.camera_id))
@@ -404,7 +411,11 @@ def _write_matches(d: pycolmap.Database, ids: Mapping[str, int], matches: Iterab
 def write_features_and_matches(db: DbLike, image_ids: Mapping[str, int] | None,
                                keypoints: Mapping[str, ImageKeypoints], matches: Iterable[IndexMatches]) -> int:
     """:func:`write_keypoints` then :func:`write_matches` in ONE transaction: after a crash the database
-    holds either all of them or none. Returns the number of pairs written."""
+    holds either all of them or none. Returns the number of pairs written.
+
+    Both are consumed one item at a time, so ``keypoints`` may be a mapping that reads each image's keypoints on
+    access and ``matches`` an iterator (e.g. :class:`~mast3r_colmap.keypoints.DiskConsolidation`): memory then
+    stays bounded whatever the collection (SQLite spills a large transaction to its journal)."""
     with use_database(db) as d, pycolmap.DatabaseTransaction(d):
         ids = _resolve_ids(d, image_ids)
         _write_keypoints(d, ids, keypoints)
@@ -434,11 +445,19 @@ def read_pair_matches(db: DbLike, image_ids: Mapping[str, int] | None, name0: st
         return np.asarray(d.read_matches(id0, id1), np.int64).reshape(-1, 2)
 
 
-def existing_keypoints(db: DbLike) -> dict[str, np.ndarray]:
-    """Stored keypoints per image name, as (K, 2) float64 arrays in hloc's convention (-0.5)."""
+def existing_keypoints(db: DbLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Stored keypoints per image name, as (K, 2) float64 arrays in hloc's convention (-0.5); only those of
+    ``names`` when given (names without keypoints or not in the database are left out)."""
+    wanted = None if names is None else set(names)
     with use_database(db) as d:
         out = {}
         for img in d.read_all_images():
-            if d.exists_keypoints(img.image_id):
+            if (wanted is None or img.name in wanted) and d.exists_keypoints(img.image_id):
                 out[img.name] = np.asarray(d.read_keypoints(img.image_id), np.float64)[:, :2] - 0.5
         return out
+
+
+def images_with_keypoints(db: DbLike) -> set[str]:
+    """Names of the images that have keypoints in the database (without reading them)."""
+    with use_database(db) as d:
+        return {img.name for img in d.read_all_images() if d.exists_keypoints(img.image_id)}

@@ -41,14 +41,15 @@ def record(database: str | os.PathLike, ids: Mapping[str, int], keypoints: Mappi
     with connect(database) as con, con:
         for statement in _SCHEMA:
             con.execute(statement)
+        # generators, not lists: sqlite3 takes the rows one at a time (keypoints and matches may be read lazily)
         con.executemany("INSERT OR REPLACE INTO mast3r_keypoint_scores VALUES (?, ?)",
-                        [(int(ids[name]), _blob(kp.scores)) for name, kp in keypoints.items()
-                         if kp.scores is not None])
+                        ((int(ids[name]), _blob(kp.scores)) for name, kp in keypoints.items()
+                         if kp.scores is not None))
         # pycolmap keeps the row order of a pair's matches when it swaps the pair, so the scores of a
         # pair are in COLMAP's row order whichever way round it was written
         con.executemany("INSERT OR REPLACE INTO mast3r_match_scores VALUES (?, ?)",
-                        [(int(pycolmap.image_pair_to_pair_id(ids[m.name0], ids[m.name1])), _blob(m.scores))
-                         for m in matches])
+                        ((int(pycolmap.image_pair_to_pair_id(ids[m.name0], ids[m.name1])), _blob(m.scores))
+                         for m in matches))
 
 
 def _read(database: str | os.PathLike, table: str, key: str, wanted: Iterable[int]) -> dict[int, np.ndarray]:

@@ -8,7 +8,10 @@ A :class:`DenseNetwork` works in two steps, like MASt3R:
 * ``decode`` turns two lists of encodings, the two sides of a batch of pairs, into per-view dense unit
   descriptors ``desc`` (B, H, W, D) and their confidence ``desc_conf`` (B, H, W) at the resolution of
   the encoded images: ``(view0, view1)``, or with ``symmetric`` both orders ``(res11, res21, res22,
-  res12)`` (resXY: image X through head Y, as :meth:`~mast3r_colmap.model.mast3r.MASt3R.symmetric`).
+  res12)`` (resXY: image X through head Y, as :meth:`~mast3r_colmap.model.mast3r.MASt3R.symmetric`);
+* optionally, ``pointmap`` turns a list of encodings into the pointmap of each image decoded against itself
+  (MASt3R's view-1 ``pts3d``, in that image's camera frame) and its confidence ``conf`` (the matcher's
+  :meth:`~.matcher.Matcher.focal_priors` fits focal lengths to them, :mod:`mast3r_colmap.focal`).
 
 Everything else (image loading, the encoding cache, scheduling, batching, fast reciprocal matching,
 filters, coarse-to-fine crops and the map back to original pixels) belongs to the
@@ -35,7 +38,8 @@ Window = Tuple[int, int, int, int]
 Key = Tuple[str, Optional[Window]]
 #: Maps (N, 2) float (x, y) pixels of an encoded image to original-image pixels (hloc convention).
 PixelMap = Callable[[np.ndarray], np.ndarray]
-#: Dense predictions of one view of a batch of pairs: ``desc`` (B, H, W, D), ``desc_conf`` (B, H, W).
+#: Dense predictions of one view of a batch of pairs: ``desc`` (B, H, W, D), ``desc_conf`` (B, H, W);
+#: or of a batch of images (:meth:`DenseNetwork.pointmap`): ``pts3d`` (B, H, W, 3), ``conf`` (B, H, W).
 Dense = Dict[str, torch.Tensor]
 
 
@@ -56,6 +60,12 @@ class DenseNetwork(Protocol):
 
     def decode(self, enc0: Sequence[Any], enc1: Sequence[Any], symmetric: bool = False) -> Tuple[Dense, ...]:
         """Descriptors of the pairs ``(enc0[i], enc1[i])`` (each side of one image size)."""
+        ...
+
+    def pointmap(self, enc: Sequence[Any]) -> Dense:
+        """Optional: ``pts3d`` (B, H, W, 3) of each image (of one size) in its own camera frame (x right, y
+        down, z forward; any scale) and its confidence ``conf`` (B, H, W). A network without it gives no
+        focal priors."""
         ...
 
 
@@ -85,3 +95,11 @@ class MASt3RNetwork:
         if symmetric:
             return self.model.symmetric(e0, e1)
         return self.model.predict(e0, e1, with_pts3d=False)
+
+    def pointmap(self, enc: Sequence[Encoding]) -> Dense:
+        """View 1's ``pts3d`` and ``conf`` of each image paired with itself: ``predict(e, e, with_pts3d=True)``
+        less the second view's head (whose DPT, at full resolution, costs as much as the first's)."""
+        e = Encoding.cat(list(enc))
+        tokens1, _ = self.model.decode(e, e, self.model.conf.dpt_hooks)
+        pred1 = self.model._head(self.model.downstream_head1, e, tokens1, with_pts3d=True)
+        return {"pts3d": pred1["pts3d"], "conf": pred1["conf"]}

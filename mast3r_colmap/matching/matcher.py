@@ -20,7 +20,11 @@ coarse-to-fine and the map back to original pixels) is this module's, the same f
 Frames (see :mod:`~mast3r_colmap.images`): the network always sees the upright (EXIF-transposed) image,
 and coarse-to-fine crops are cut from the upright full-resolution image; every match is mapped back to
 the *stored* pixels of the file (``LoadedImage.to_original``, and ``upright_to_original`` for crops), the
-frame in which COLMAP and hloc read the image.
+frame in which COLMAP and hloc read the image. Matches lie on whole pixels of what the network saw, so each
+:class:`~mast3r_colmap.structures.PairMatches` carries the lattice of each side
+(:class:`~mast3r_colmap.structures.SamplingGrid`, the image of that pixel grid): the network pixels of a
+single pass, the full-resolution pixels for coarse-to-fine (crops are cut at native resolution with integer
+corners); keypoint consolidation puts keypoints exactly on it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 
 from ..images import LoadedImage, load_image, load_original
 from ..model.mast3r import MASt3R
-from ..structures import PairMatches
+from ..structures import PairMatches, SamplingGrid
 from .coarse_to_fine import needs_coarse_to_fine, select_crop_pairs, training_resolution
 from .dense import Dense, DenseNetwork, Key, MASt3RNetwork, PixelMap, Window
 from .extract import Matches, border_mask, extract_correspondences_nonsym, extract_correspondences_symmetric
@@ -225,6 +229,58 @@ class Matcher:
             out.append(global_descriptor_from_tokens(enc.tokens[0].float()).cpu().numpy())
         return np.stack(out)
 
+    @torch.inference_mode()
+    def focal_priors(self, names: Sequence[ImageLike]) -> Dict[str, float]:
+        """``{name: focal length}`` in original-image pixels, from the network's pointmap of each image.
+
+        Each image is decoded against itself (its encoding comes from, and stays in, the encoding cache;
+        images of one size in batches of ``conf.batch_size``); :func:`~mast3r_colmap.focal.estimate_focal`
+        fits the focal at network resolution, with the principal point at the centre of the original image,
+        and the resize factor (upright / resized, the mean of the two axes) turns it into original pixels
+        (the EXIF orientation turns the image, not the focal). Images whose fit fails or gives a focal
+        outside :data:`~mast3r_colmap.focal.PLAUSIBLE_FOCAL_FACTORS` of the long side are left out, with a
+        warning; a network without ``pointmap`` gives ``{}``.
+        """
+        from ..focal import PLAUSIBLE_FOCAL_FACTORS, estimate_focal
+
+        if getattr(self.network, "pointmap", None) is None:
+            logger.info("%s gives no pointmaps: no focal priors", type(self.network).__name__)
+            return {}
+        out: Dict[str, float] = {}
+        pending: List[LoadedImage] = []
+
+        def flush() -> None:
+            keys = [(im.name, None) for im in pending]
+            encodings = self.encodings.get_many(keys, [im.img for im in pending], [im.to_original for im in pending])
+            pred = self.network.pointmap(encodings)
+            for i, im in enumerate(pending):
+                w, h = im.original_size
+                centre = im.to_network(np.array([[(w - 1) / 2, (h - 1) / 2]]))[0]
+                try:
+                    f = estimate_focal(pred["pts3d"][i].float().cpu().numpy(), pred["conf"][i].float().cpu().numpy(),
+                                       principal_point=(float(centre[0]), float(centre[1]))) * float(np.mean(im.scale))
+                except ValueError as exc:
+                    logger.warning("%s: no focal prior: %s", im.name, exc)
+                    continue
+                low, high = (factor * max(w, h) for factor in PLAUSIBLE_FOCAL_FACTORS)
+                if not low <= f <= high:
+                    logger.warning("%s: no focal prior: the pointmap gives %.1f px, outside %.0f..%.0f px for a "
+                                   "%dx%d image", im.name, f, low, high, w, h)
+                    continue
+                out[im.name] = f
+                logger.debug("%s: focal prior %.2f px (%dx%d)", im.name, f, w, h)
+            pending.clear()
+
+        for image in self.images(names):
+            if pending and image.img.shape != pending[0].img.shape:
+                flush()
+            pending.append(image)
+            if len(pending) >= self.conf.batch_size:
+                flush()
+        if pending:
+            flush()
+        return out
+
     # images
     def image(self, image: ImageLike) -> LoadedImage:
         """Load (or fetch from the cache) the network-size image.
@@ -297,7 +353,8 @@ class Matcher:
         out = []
         for i, (im0, im1) in enumerate(batch):
             m = _correspondences(preds, i, self.conf, symmetric)
-            out.append(PairMatches(im0.name, im1.name, im0.to_original(m.xy1), im1.to_original(m.xy2), m.conf))
+            out.append(PairMatches(im0.name, im1.name, im0.to_original(m.xy1), im1.to_original(m.xy2), m.conf,
+                                   SamplingGrid.from_map(im0.to_original), SamplingGrid.from_map(im1.to_original)))
         return out
 
     def match_pairs(self, pairs: Iterable[Tuple[ImageLike, ImageLike]]) -> Iterator[PairMatches]:
@@ -358,7 +415,8 @@ class Matcher:
                                         np.concatenate([p.scores for p in parts]))
         logger.debug("%s/%s: %d coarse -> %d fine matches from %d crop pairs",
                      im0.name, im1.name, len(coarse), len(scores), len(crops))
-        return PairMatches(im0.name, im1.name, xy0, xy1, scores)
+        return PairMatches(im0.name, im1.name, xy0, xy1, scores,
+                           _common_grid([p.grid0 for p in parts]), _common_grid([p.grid1 for p in parts]))
 
     def _match_crops(self, im0: LoadedImage, im1: LoadedImage, originals: "_LazyOriginals",
                      crops: Sequence[Tuple[Window, Window]]) -> List[PairMatches]:
@@ -378,8 +436,9 @@ class Matcher:
                                  lambda key: _crop_to_original(key[1], images[key[0]]), symmetric=False)
             for j, i in enumerate(idx):
                 m = _correspondences(preds, j, self.conf, symmetric=False)
-                results[i] = PairMatches(name0, name1, _crop_to_original(crops[i][0], im0)(m.xy1),
-                                         _crop_to_original(crops[i][1], im1)(m.xy2), m.conf)
+                map0, map1 = _crop_to_original(crops[i][0], im0), _crop_to_original(crops[i][1], im1)
+                results[i] = PairMatches(name0, name1, map0(m.xy1), map1(m.xy2), m.conf,
+                                         SamplingGrid.from_map(map0), SamplingGrid.from_map(map1))
         return [results[i] for i in range(len(crops))]
 
 
@@ -402,6 +461,15 @@ def _crop_size(height: int, width: int, maxdim: int, patch: int = 16) -> Tuple[i
     the image and rounded down to the patch size (a small image is then cropped, not resized)."""
     h, w = training_resolution(height, width, maxdim)
     return min(h, height - height % patch), min(w, width - width % patch)
+
+
+def _common_grid(grids: Sequence[Optional[SamplingGrid]]) -> Optional[SamplingGrid]:
+    """The grid of matches pooled from several crops: theirs when they all have the same (the full-resolution
+    pixels, as crops are cut at native resolution with integer corners), else None."""
+    first = grids[0] if grids else None
+    if first is None or any(g is None or not first.same_lattice(g) for g in grids[1:]):
+        return None
+    return first
 
 
 def _unique_best(xy0: np.ndarray, xy1: np.ndarray, scores: np.ndarray):

@@ -578,6 +578,11 @@ class SyntheticNetwork:
     standard deviation per component (a unit descriptor's components have an RMS of 0.2) is added,
     deterministically, before re-normalising. ``decode`` stacks the encodings: a view's descriptors
     do not depend on the other view, nor on the order. ``encoded`` lists the keys encoded so far.
+
+    ``pointmap`` gives what MASt3R's view 1 gives for an image paired with itself: the true point ``pts3d``
+    seen by each pixel in the camera frame of the upright (rendered) image the network sees, with
+    confidence ``conf`` = ``conf_valid``; pixels that see no surface get junk points (random, deterministic,
+    some behind the camera) with ``conf_invalid``.
     """
 
     device = torch.device("cpu")
@@ -626,8 +631,15 @@ class SyntheticNetwork:
             desc += self.noise * rng.standard_normal(desc.shape, dtype=np.float32)
         desc /= np.linalg.norm(desc, axis=1, keepdims=True)
         confidence = np.where(valid, self.conf_valid, self.conf_invalid).astype(np.float32)
+        i = self.scene.index(name)
+        pts = np.empty((H * W, 3), np.float64)
+        pts[valid] = (X[valid] - self.scene.centers[i]) @ self.scene.rotations[i].T  # the camera frame
+        junk = np.random.default_rng([self.scene.seed, i, 7927, *(window or ())])
+        pts[~valid] = junk.normal(0.0, self.scene.scene_size, (int((~valid).sum()), 3))
         return {"desc": torch.from_numpy(desc.reshape(H, W, DESC_DIM)),
-                "desc_conf": torch.from_numpy(confidence.reshape(H, W))}
+                "desc_conf": torch.from_numpy(confidence.reshape(H, W)),
+                "pts3d": torch.from_numpy(pts.astype(np.float32).reshape(H, W, 3)),
+                "conf": torch.from_numpy(confidence.reshape(H, W))}
 
     def decode(self, enc0: Sequence[Dict[str, torch.Tensor]], enc1: Sequence[Dict[str, torch.Tensor]],
                symmetric: bool = False) -> Tuple[Dict[str, torch.Tensor], ...]:
@@ -635,6 +647,10 @@ class SyntheticNetwork:
         view0 = {k: torch.stack([e[k] for e in enc0]) for k in ("desc", "desc_conf")}
         view1 = {k: torch.stack([e[k] for e in enc1]) for k in ("desc", "desc_conf")}
         return (view0, view1, view1, view0) if symmetric else (view0, view1)
+
+    def pointmap(self, enc: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """``pts3d`` (B, H, W, 3) and ``conf`` (B, H, W) of the encoded images (see the class docstring)."""
+        return {k: torch.stack([e[k] for e in enc]) for k in ("pts3d", "conf")}
 
 
 # ------------------------------------------------------------------------------------------------
