@@ -9,14 +9,17 @@ its runs unless ``--keep-stores``: the store of 10k images x 20 000 matches take
 2`` pairs), 1600x1200 images matched at 512 px, every match on the network pixels of both images (their
 sampling grids, 3.125 px apart; float32 coordinates as the store keeps them), scores uniform in [1, 10). Then
 each method runs in a fresh subprocess, as the pipeline runs it: the store's pairs consolidated (default
-``KeypointConfig``: at most 8192 keypoints per image), the keypoints and matches written into a COLMAP
+``KeypointConfig``, no cap on keypoints per image), the keypoints and matches written into a COLMAP
 database that holds the images (one transaction), their scores recorded beside it. Each subprocess reports its
 peak RSS (``VmHWM`` of ``/proc/self/status``; "RSS before": its peak before consolidation, with the modules
-imported and the store open) and the seconds of consolidation and of the database write.
+imported and the store open), the seconds of consolidation and of the database write, and the size of the
+scratch files (out of core) and of the database.
 
 In memory runs first and is the baseline. A run whose peak RSS, extrapolated linearly in the number of raw
 matches from the smaller sizes of the same method, would exceed ``--max-rss-gb`` (or 90% of the memory
-available now), or whose time would exceed ``--max-minutes``, is skipped with a note.
+available now), whose time would exceed ``--max-minutes``, or whose files (store, scratch, database; from the
+smaller sizes) would need more than ``--max-disk-gb`` or 80% of the free disk, is skipped with a note. Last, the verifier's
+estimator is timed on synthetic pairs with the mean number of one-to-one matches per pair of each run.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def child(method: str, store_path: Path, db_path: Path, n_images: int) -> None:
             colmap_db.write_features_and_matches(db_path, ids, kps, matches)
             scores.record(db_path, ids, kps, matches)
             n_kps, n_matches = sum(len(k) for k in kps.values()), sum(len(m) for m in matches)
+            scratch_gb = 0.0
         else:
             scratch = db_path.with_name(db_path.name + ".mast3r-consolidation")
             shutil.rmtree(scratch, ignore_errors=True)
@@ -125,10 +129,14 @@ def child(method: str, store_path: Path, db_path: Path, n_images: int) -> None:
                 colmap_db.write_features_and_matches(db_path, ids, result.keypoints, result.matches())
                 scores.record(db_path, ids, result.keypoints, result.matches())
                 n_kps, n_matches = sum(result.num_keypoints.values()), sum(result.match_counts)
+                # the scratch files at their largest (the end of pass 2): per raw match 12 bytes, per keypoint 20,
+                # per one-to-one match 12 (nothing is filtered here)
+                scratch_gb = (12 * sum(result.raw_counts) + 20 * n_kps + 12 * n_matches) / 1e9
             scratch.rmdir()
         t2 = time.perf_counter()
     print(json.dumps({"consolidation_s": t1 - t0, "write_s": t2 - t1, "peak_gb": _rss_peak_gb(), "base_gb": base,
-                      "keypoints": n_kps, "matches": n_matches, "db_gb": db_path.stat().st_size / 1e9}))
+                      "keypoints": n_kps, "matches": n_matches, "db_gb": db_path.stat().st_size / 1e9,
+                      "scratch_gb": scratch_gb}))
 
 
 def time_verification(n_pairs: int, matches: int, outliers: float = 0.25, seed: int = 0) -> Dict[str, float]:
@@ -178,9 +186,13 @@ def _extrapolate(points: List[Tuple[float, float]], x: float) -> Optional[float]
         return None
     if len(points) == 1:
         return points[0][1] * x / points[0][0]
-    xs, ys = np.array(points).T
+    xs, ys = np.array(points, float).T / [[1e9], [1]]
     slope, offset = np.polyfit(xs, ys, 1)
-    return float(max(slope * x + offset, ys.max()))
+    return float(max(slope * x / 1e9 + offset, ys.max()))
+
+
+def _row(n: int, pairs: int, m: int, method: str, text: str) -> str:
+    return f"{n:7d} {pairs:7d} {m:12d} {pairs * m:12d} {method:>12} {text}"
 
 
 def main() -> None:
@@ -192,8 +204,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--max-rss-gb", type=float, default=20.0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
+    ap.add_argument("--max-disk-gb", type=float, default=40.0, help="disk for one size's files at most")
     ap.add_argument("--keep-stores", action="store_true", help="keep the stores for later runs")
-    ap.add_argument("--verification-pairs", type=int, default=100, help="pairs for the verification timing (0: none)")
+    ap.add_argument("--verification-pairs", type=int, default=50, help="pairs for the verification timing (0: none)")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "STORE", "DB", "IMAGES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -204,17 +217,28 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     methods = args.methods.split(",")
-    rows = []
+    rows: List[dict] = []
     seen: Dict[Tuple[str, int], List[Tuple[float, float, float]]] = {}
-    header = (f"{'images':>7} {'pairs':>7} {'matches/pair':>12} {'raw matches':>12} {'method':>12} {'peak RSS GB':>11} "
-              f"{'consolidation s':>15} {'db write s':>10} {'total s':>8} {'us/match':>8} {'store GB':>8} {'db GB':>6} "
-              f"{'RSS before GB':>13}")
-    print(header, flush=True)
+    files: Dict[int, List[Tuple[float, float]]] = {}     # per matches/pair: (raw, GB of scratch + database)
+    print(f"{'images':>7} {'pairs':>7} {'matches/pair':>12} {'raw matches':>12} {'method':>12} {'peak RSS GB':>11} "
+          f"{'consolidation s':>15} {'db write s':>10} {'total s':>8} {'us/match':>8} {'store GB':>8} "
+          f"{'scratch GB':>10} {'db GB':>6} {'RSS before GB':>13} {'keypoints/image':>15} {'matches/pair':>12}",
+          flush=True)
     for m in (int(v) for v in args.matches.split(",")):
         for n in (int(v) for v in args.images.split(",")):
+            pairs = n * args.neighbours // 2
+            raw = pairs * m
             store = args.workdir / f"store-{n}x{args.neighbours}x{m}.sqlite"
+            disk = 20.2e-9 * raw * (0 if store.with_suffix(".done").is_file() else 1) + (
+                _extrapolate(files.get(m, []), raw) or 2 * 20.2e-9 * raw)
+            free = shutil.disk_usage(args.workdir).free / 1e9
+            if disk > min(0.8 * free, args.max_disk_gb):
+                note = (f"skipped: its files would need ~{disk:.0f} GB of disk ({free:.0f} GB free, limit "
+                        f"{args.max_disk_gb:.0f} GB)")
+                print(_row(n, pairs, m, "both", note), flush=True)
+                rows.append({"images": n, "pairs": pairs, "matches_per_pair": m, "method": "both", "note": note})
+                continue
             made = make_store(store, n, args.neighbours, m)
-            raw = made["pairs"] * m
             for method in methods:
                 history = seen.setdefault((method, m), [])
                 rss = _extrapolate([(x, p) for x, p, _ in history], raw)
@@ -226,9 +250,8 @@ def main() -> None:
                 elif minutes is not None and minutes > args.max_minutes:
                     note = f"skipped: would take ~{minutes:.0f} min (limit {args.max_minutes:.0f} min)"
                 if note:
-                    print(f"{n:7d} {made['pairs']:7d} {m:12d} {raw:12d} {method:>12} {note}", flush=True)
-                    rows.append({"images": n, "pairs": made["pairs"], "matches_per_pair": m, "method": method,
-                                 "note": note})
+                    print(_row(n, pairs, m, method, note), flush=True)
+                    rows.append({"images": n, "pairs": pairs, "matches_per_pair": m, "method": method, "note": note})
                     continue
                 db = args.workdir / f"bench-{method}.db"
                 out = subprocess.run([sys.executable, __file__, "--child", method, str(store), str(db), str(n)],
@@ -236,11 +259,13 @@ def main() -> None:
                 r = json.loads(out.strip().splitlines()[-1])
                 total = r["consolidation_s"] + r["write_s"]
                 history.append((raw, r["peak_gb"], total))
-                rows.append({"images": n, "pairs": made["pairs"], "matches_per_pair": m, "method": method,
+                files.setdefault(m, []).append((raw, r["scratch_gb"] + r["db_gb"]))
+                rows.append({"images": n, "pairs": pairs, "matches_per_pair": m, "method": method,
                              "store_gb": made["store_gb"], **r})
-                print(f"{n:7d} {made['pairs']:7d} {m:12d} {raw:12d} {method:>12} {r['peak_gb']:11.2f} "
-                      f"{r['consolidation_s']:15.1f} {r['write_s']:10.1f} {total:8.1f} {1e6 * total / raw:8.2f} "
-                      f"{made['store_gb']:8.2f} {r['db_gb']:6.2f} {r['base_gb']:13.2f}", flush=True)
+                print(_row(n, pairs, m, method, f"{r['peak_gb']:11.2f} {r['consolidation_s']:15.1f} "
+                           f"{r['write_s']:10.1f} {total:8.1f} {1e6 * total / raw:8.2f} {made['store_gb']:8.2f} "
+                           f"{r['scratch_gb']:10.2f} {r['db_gb']:6.2f} {r['base_gb']:13.2f} "
+                           f"{r['keypoints'] / n:15.0f} {r['matches'] / pairs:12.0f}"), flush=True)
                 for file in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
                     file.unlink(missing_ok=True)
             if not args.keep_stores:
@@ -248,10 +273,12 @@ def main() -> None:
                     file.unlink(missing_ok=True)
     if args.verification_pairs:
         for m in (int(v) for v in args.matches.split(",")):
-            v = time_verification(args.verification_pairs, min(m, 8192))
-            rows.append({"verification_matches": min(m, 8192), **v})
-            print(f"verification (one thread, {min(m, 8192)} matches, 25% outliers): {1e3 * v['s_per_pair']:.1f} ms "
-                  f"per pair, {v['inliers_per_pair']:.0f} inliers", flush=True)
+            done = [r for r in rows if r.get("matches_per_pair") == m and "matches" in r]
+            k = int(round(done[-1]["matches"] / done[-1]["pairs"])) if done else m
+            v = time_verification(args.verification_pairs, k)
+            rows.append({"verification_matches": k, **v})
+            print(f"verification (one thread, {k} matches per pair as consolidated from {m} raw, 25% outliers): "
+                  f"{1e3 * v['s_per_pair']:.0f} ms per pair, {v['inliers_per_pair']:.0f} inliers", flush=True)
     (args.workdir / "bench_scale.json").write_text(json.dumps(rows, indent=1))
     print(f"wall time {time.perf_counter() - started:.0f} s; rows in {args.workdir / 'bench_scale.json'}")
 
