@@ -184,9 +184,9 @@ def _extrapolate(points: List[Tuple[float, float]], x: float) -> Optional[float]
     """Linear fit through the (raw matches, value) points of the smaller sizes, at ``x``."""
     if not points:
         return None
-    if len(points) == 1:
-        return points[0][1] * x / points[0][0]
     xs, ys = np.array(points, float).T / [[1e9], [1]]
+    if len(set(xs.tolist())) == 1:                  # one size: proportional, from its largest value
+        return float(ys.max() * x / 1e9 / xs[0])
     slope, offset = np.polyfit(xs, ys, 1)
     return float(max(slope * x / 1e9 + offset, ys.max()))
 
@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_scale"))
     ap.add_argument("--max-rss-gb", type=float, default=20.0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
-    ap.add_argument("--max-disk-gb", type=float, default=40.0, help="disk for one size's files at most")
+    ap.add_argument("--max-disk-gb", type=float, default=50.0, help="disk for one size's files at most")
     ap.add_argument("--keep-stores", action="store_true", help="keep the stores for later runs")
     ap.add_argument("--verification-pairs", type=int, default=50, help="pairs for the verification timing (0: none)")
     ap.add_argument("--child", nargs=4, metavar=("METHOD", "STORE", "DB", "IMAGES"), help=argparse.SUPPRESS)
