@@ -153,7 +153,8 @@ def versions() -> Dict[str, Optional[str]]:
         "device": f"cpu ({platform.machine() or 'unknown'})",
     }
     torch = sys.modules.get("torch")
-    if torch is not None:
+    if torch is not None:  # the build's own version names the variant ("2.14.1+cu130"); metadata may not
+        out["torch"] = str(getattr(torch, "__version__", out["torch"]))
         out["cuda"] = getattr(getattr(torch, "version", None), "cuda", None)
     if _cuda_used():
         try:
