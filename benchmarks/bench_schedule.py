@@ -12,11 +12,27 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from mast3r_colmap.matching.schedule import count_encodings, schedule_pairs
 from mast3r_colmap.pairs import exhaustive, pairs_from_similarity
+
+
+def pair_lists(n: int, k: int, exhaustive_images: int, seed: int = 0) -> Dict[str, List[Tuple[str, str]]]:
+    """The benchmark's pair lists over ``n`` images: retrieval ``k`` along a random 2-D camera walk (names
+    shuffled), retrieval ``k`` on random similarities, and exhaustive pairs of the first ``exhaustive_images``."""
+    rng = np.random.default_rng(seed)
+    names = [f"{i:05d}.jpg" for i in range(n)]
+    walk = np.cumsum(rng.normal(size=(n, 2)), axis=0)[rng.permutation(n)]
+    dist = np.linalg.norm(walk[:, None] - walk[None], axis=-1)
+    label = "exhaustive" if exhaustive_images == n else f"exhaustive, {exhaustive_images} images"
+    return {
+        f"retrieval k={k}, camera walk": pairs_from_similarity(names, -dist, k),
+        f"retrieval k={k}, random": pairs_from_similarity(names, rng.random((n, n)), k),
+        label: exhaustive(names[:exhaustive_images]),
+    }
 
 
 def main() -> None:
@@ -25,16 +41,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--caches", default="64,128,256")
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     n = args.images
-    names = [f"{i:05d}.jpg" for i in range(n)]
-    walk = np.cumsum(rng.normal(size=(n, 2)), axis=0)[rng.permutation(n)]
-    dist = np.linalg.norm(walk[:, None] - walk[None], axis=-1)
-    lists = {
-        f"retrieval k={args.k}, camera walk": pairs_from_similarity(names, -dist, args.k),
-        f"retrieval k={args.k}, random": pairs_from_similarity(names, rng.random((n, n)), args.k),
-        "exhaustive": exhaustive(names),
-    }
+    lists = pair_lists(n, args.k, n)
     print(f"{n} images; encodings needed (the minimum is {n})")
     header = f"{'pair list':32} {'pairs':>8} {'cache':>6} {'given order':>12} {'scheduled':>10} {'saved':>7} {'schedule s':>10}"
     print(header)

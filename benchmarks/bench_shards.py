@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from mast3r_colmap.matching.schedule import count_encodings, schedule_pairs
-from mast3r_colmap.pairs import exhaustive, pairs_from_similarity
 from mast3r_colmap.shards import partition_pairs
+
+from bench_schedule import pair_lists  # the same pair lists (benchmarks/ is on sys.path when run as a script)
 
 
 def _runs(shards, cache: int) -> list:
@@ -32,16 +31,8 @@ def main() -> None:
     ap.add_argument("--shards", default="4,8,16")
     ap.add_argument("--cache", type=int, default=128)
     args = ap.parse_args()
-    rng = np.random.default_rng(0)
     n = args.images
-    names = [f"{i:05d}.jpg" for i in range(n)]
-    walk = np.cumsum(rng.normal(size=(n, 2)), axis=0)[rng.permutation(n)]
-    dist = np.linalg.norm(walk[:, None] - walk[None], axis=-1)
-    lists = {
-        f"retrieval k={args.k}, camera walk": pairs_from_similarity(names, -dist, args.k),
-        f"retrieval k={args.k}, random": pairs_from_similarity(names, rng.random((n, n)), args.k),
-        f"exhaustive, {n // 5} images": exhaustive(names[: n // 5]),
-    }
+    lists = pair_lists(n, args.k, n // 5)
     header = (f"{'pair list':32} {'pairs':>7} {'N':>3} {'images/shard':>13} {'encoder runs':>13} "
               f"{'dealt: images/shard':>20} {'encoder runs':>13} {'cut s':>6}")
     print(f"cache of {args.cache} encodings; images/shard: the largest shard; encoder runs: all shards together")

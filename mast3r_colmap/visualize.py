@@ -713,13 +713,17 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--fade F`` and ``--colours`` (``--colours`` sets ``fade`` to None)."""
+def _add_picture_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every picture command takes: ``--width``, ``--fade F`` / ``--colours`` (``--colours`` sets ``fade``
+    to None), ``-o/--output`` and the logging options."""
+    parser.add_argument("--width", type=_positive, default=1600, help="picture width in pixels")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fade", type=_fraction, default=FADE,
                        help="images are drawn in grey, blended toward white by this much, so the marks stand out")
     group.add_argument("--colours", dest="fade", action="store_const", const=None,
                        help="draw the images in their own colours")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="picture to write (.png, .jpg, .svg, ...)")
+    cli.add_logging_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -744,10 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--features", type=Path, default=None, metavar="FILE",
                    help="hloc features file of a matches.h5 (None: features.h5 beside it)")
     m.add_argument("--max-lines", type=_count, default=300, help="matches drawn as lines (every match gets its dots)")
-    m.add_argument("--width", type=_positive, default=1600, help="picture width in pixels")
-    _add_image_arguments(m)
-    m.add_argument("-o", "--output", type=Path, required=True, help="picture to write (.png, .jpg, .svg, ...)")
-    cli.add_logging_arguments(m)
+    _add_picture_arguments(m)
     m.set_defaults(run=_run_matches)
 
     d = sub.add_parser(
@@ -759,10 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image folder (without it the keypoints are drawn on blank canvases)")
     d.add_argument("--num-images", type=_count, default=4, help="images whose keypoints are shown")
     d.add_argument("--max-points", type=_positive, default=100_000, help="3D points drawn (a random sample)")
-    d.add_argument("--width", type=_positive, default=1600, help="picture width in pixels")
-    _add_image_arguments(d)
-    d.add_argument("-o", "--output", type=Path, required=True, help="picture to write (.png, .jpg, .svg, ...)")
-    cli.add_logging_arguments(d)
+    _add_picture_arguments(d)
     d.set_defaults(run=_run_model)
     return p
 
