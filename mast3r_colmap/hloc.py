@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(checkpoint=None, precision=None)  # None: the conf's
     p.add_argument("--preset", choices=["default", "hires", "sfm"], default=None,
                    help="matcher preset; None: the conf's")
+    cli.add_matcher_arguments(p)
     cli.add_logging_arguments(p)
     return p
 
@@ -277,6 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     for key in ("checkpoint", "device", "precision", "preset"):
         if getattr(args, key) is not None:
             conf["model"][key] = getattr(args, key)
+    conf["model"]["matcher"] = {**conf["model"].get("matcher", {}), **cli.matcher_overrides(args)}
     if not args.pairs.is_file():
         raise ValueError(f"pairs file {str(args.pairs)!r} does not exist")
     if args.max_kps < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import subprocess
 import sys
@@ -119,12 +120,17 @@ LOGGING_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--log-level", "--no-progre
 
 
 def _parsers():
-    from mast3r_colmap import evaluate, run
+    from mast3r_colmap import evaluate, export_3dgs, hloc, run, visualize
     from mast3r_colmap.localization import cli as localization_cli
     from mast3r_colmap.pipelines import aachen
 
-    return {"run": (run.build_parser(), True), "localization": (localization_cli.build_parser(), True),
-            "aachen": (aachen.build_parser(), True), "evaluate": (evaluate.build_parser(), False)}
+    parsers = {"run": (run.build_parser(), True), "localization": (localization_cli.build_parser(), True),
+               "aachen": (aachen.build_parser(), True), "hloc": (hloc.build_parser(), True),
+               "evaluate": (evaluate.build_parser(), False), "export_3dgs": (export_3dgs.build_parser(), False)}
+    sub = next(a for a in visualize.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == ["matches", "model"]
+    parsers.update({f"visualize {name}": (p, False) for name, p in sub.choices.items()})
+    return parsers
 
 
 def test_every_entry_point_shares_the_argument_groups():

@@ -277,13 +277,22 @@ def test_aachen_v1_1_flow(world, oracle, hloc, tmp_path):
 # ---- command line -------------------------------------------------------------------------------
 
 
-def test_cli(world, oracle, tmp_path, capsys, caplog):
+def test_cli(world, oracle, tmp_path, capsys, caplog, monkeypatch):
     scene, root = world
     pairs = tmp_path / "pairs.txt"
     write_pairs(pairs, [(a, b) for a, b in zip(_references(scene), _references(scene)[1:])][:2])
+    confs_seen = []
+    oracle_matcher = mast3r_dense.build_matcher  # the fixture's stand-in
+    monkeypatch.setattr(mast3r_dense, "build_matcher",
+                        lambda conf, image_dir: confs_seen.append(conf) or oracle_matcher(conf, image_dir))
     code = mast3r_dense.main_cli(["--conf", "mast3r_sfm", "--pairs", pairs, "--image_dir", root / "images",
-                                  "--export_dir", tmp_path / "out", "--no-progress"])
+                                  "--export_dir", tmp_path / "out", "--no-progress", "--cache-size", "3",
+                                  "--batch-size", "2"])
     assert code == 0
+    # the matcher resource flags reach the conf the matcher is built from (get_config takes them)
+    assert confs_seen[0]["model"]["preset"] == "sfm"
+    assert confs_seen[0]["model"]["matcher"] == {"cache_size": 3, "batch_size": 2}
+    assert get_config("sfm", **confs_seen[0]["model"]["matcher"]).cache_size == 3
     assert (tmp_path / "out" / "feats_matches-mast3r_sfm.h5").is_file()
     assert (tmp_path / "out" / "matches-mast3r_sfm_pairs.h5").is_file()
     with caplog.at_level(logging.ERROR):
