@@ -326,12 +326,13 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
             fixed = colmap_db.existing_keypoints(db, {n for p in new_pairs for n in p} & with_keypoints)
         if len(new_pairs) < len(pairs):
             logger.info("%d pairs already matched in the database, skipped", len(pairs) - len(new_pairs))
+        shard_results: Sequence[Any] = ()
         if match_shards is not None:  # a sharded run: the shards match what no store holds into their own stores
             with open_shard_stores(store_path, store.config, image_dir) as shard_stores:
                 held = StoreChain([store, *shard_stores]).done_pairs()
             with report.stage("matching"):
-                match_shards([p for p in new_pairs if frozenset(p) not in held], store_path=store_path,
-                             image_dir=image_dir)
+                shard_results = match_shards([p for p in new_pairs if frozenset(p) not in held],
+                                             store_path=store_path, image_dir=image_dir) or ()
         with open_shard_stores(store_path, store.config, image_dir) as shard_stores:
             in_shards = StoreChain(shard_stores).done_pairs()
             with report.stage("matching"):
@@ -366,7 +367,8 @@ def match_into_database(database: str | os.PathLike, ids: Mapping[str, int], pai
         verified = verify_matches(database, pairs, options=verification_options) if pairs else {}
     logger.info("geometric verification: %d of %d pairs kept", sum(1 for v in verified.values() if v > 0),
                 len(verified))
-    _report_matching(report, matcher, len(pairs), len(new_pairs), matched, raw_counts, match_counts, verified)
+    _report_matching(report, matcher, len(pairs), len(new_pairs), matched, raw_counts, match_counts, verified,
+                     shard_results)
     return verified
 
 
@@ -379,7 +381,7 @@ def consolidation_scratch(database: str | os.PathLike) -> Path:
 
 def _report_matching(report: RunReport, matcher: PairMatcher, num_pairs: int, num_new: int, matched: int,
                      raw_counts: Sequence[int], match_counts: Sequence[int],
-                     verified: Mapping[Tuple[str, str], int]) -> None:
+                     verified: Mapping[Tuple[str, str], int], shard_results: Sequence[Any] = ()) -> None:
     """Counts and histograms of :func:`match_into_database` for the run report.
 
     * ``matches_per_pair``: raw matches (the matcher's output) of the pairs written into the database by
@@ -388,15 +390,24 @@ def _report_matching(report: RunReport, matcher: PairMatcher, num_pairs: int, nu
       already are not in these two.
     * ``inliers_per_verified_pair``: the inliers of every pair of the run after geometric verification;
       the first bin, [0, 1), holds the pairs that failed it.
-    * ``pairs_per_s``: pairs matched by the network per second of the matching stage, which includes
-      image loading and encoding (the encoder runs are counted; their time is not measured apart).
+    * ``pairs_matched``: pairs matched by the network in this run, by this process and by the shard workers
+      (``shard_results``, the :class:`~.executors.ShardResult` of each shard; pairs a shard's store held from
+      an earlier attempt count as taken from the store); ``encoder_runs`` likewise.
+    * ``pairs_per_s``: those pairs per second of the matching stage (with shards: of all workers together),
+      which includes image loading and encoding (the encoder runs are counted; their time is not measured
+      apart).
     """
     seconds = report.seconds("matching")
     encodings = getattr(matcher, "encodings", None)
+    encoder_runs = getattr(encodings, "misses", None)
+    matched += sum(r.matched for r in shard_results)
+    if encoder_runs is not None and shard_results:
+        shard_runs = [r.encoder_runs for r in shard_results]
+        encoder_runs = None if None in shard_runs else encoder_runs + sum(shard_runs)
     report.set_counts(num_pairs=num_pairs, pairs_already_in_database=num_pairs - num_new,
                       pairs_from_store=num_new - matched, pairs_matched=matched,
                       pairs_per_s=matched / seconds if matched and seconds > 0 else None,
-                      encoder_runs=getattr(encodings, "misses", None),
+                      encoder_runs=encoder_runs,
                       encoder_cache_hits=getattr(encodings, "hits", None),
                       num_matches=int(sum(raw_counts)), num_keypoint_matches=int(sum(match_counts)),
                       num_verified_pairs=sum(1 for v in verified.values() if v > 0))

@@ -32,6 +32,7 @@ from mast3r_colmap.matching.matcher import Matcher, get_config
 from mast3r_colmap.matching.schedule import count_encodings
 from mast3r_colmap.pairs import pairs_from_spec
 from mast3r_colmap.pipeline import PipelineConfig, default_store_path, reconstruct, remove_run_files
+from mast3r_colmap.report import RunReport
 from mast3r_colmap.shards import (StoreChain, find_shard_stores, open_shard_stores, parse_shard, partition_pairs,
                                   shard_report, shard_store_path)
 from mast3r_colmap.store import MatchStore, config_key
@@ -107,9 +108,10 @@ def reference(tmp_path_factory):
     return root, database_content(root / "ref.db")
 
 
-def _merge(root: Path, db: Path, match_shards=None) -> dict:
+def _merge(root: Path, db: Path, match_shards=None, report=None) -> dict:
     """The merge: the pipeline of one process with the same matcher (plus a hook that matches shards first)."""
-    return reconstruct(root / "images", db, synthetic_matcher(str(root / "images")), CONFIG, match_shards=match_shards)
+    return reconstruct(root / "images", db, synthetic_matcher(str(root / "images")), CONFIG, match_shards=match_shards,
+                       report=report)
 
 
 # ---- the cut -------------------------------------------------------------------------------------
@@ -248,9 +250,15 @@ def test_sharded_rerun_gives_the_shards_only_what_no_store_holds(reference, tmp_
     first = partition_pairs(pairs_from_spec("exhaustive", SyntheticScene.make(**SCENE).names), 3, 4)
     run_local(first[:1], factory, default_store_path(db))
     hook = ShardedMatching(factory, 2, "local", cache_size=4, progress=False)
-    _merge(root, db, hook)
+    report = RunReport()
+    _merge(root, db, hook, report)
     assert [(r.num_pairs, r.stored_before, r.matched) for r in hook.results] == [(5, 0, 5), (5, 0, 5)]
     assert stored_pairs(default_store_path(db)) == 0
+    # the report counts what the shard workers matched in this run (the pairs of the earlier shard: from a store)
+    counts = report.to_dict()["counts"]
+    assert (counts["pairs_matched"], counts["pairs_from_store"]) == (10, 5)
+    assert counts["encoder_runs"] == sum(r.encoder_runs for r in hook.results) > 0
+    assert counts["pairs_per_s"] == pytest.approx(10 / report.seconds("matching"))
     assert database_content(db) == expected
 
 
