@@ -527,7 +527,7 @@ def reconstruct(image_dir: str | os.PathLike, database: str | os.PathLike, match
     image_dir, database = Path(image_dir), Path(database)
     if not image_dir.is_dir():
         raise ValueError(f"image folder {str(image_dir)!r} does not exist or is not a folder")
-    report.update_settings(_report_settings(config, export_h5))
+    report.update_settings({"image_dir": os.path.abspath(image_dir), **_report_settings(config, export_h5)})
     with report.stage("image_check"):
         names = list(names) if names is not None else usable_images(image_dir, config.strict, config.progress)
         logger.info("%d images in %s", len(names), image_dir)

@@ -29,6 +29,7 @@ its open figures are never touched, and matplotlib is imported only when a pictu
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -667,11 +668,29 @@ def _resolve(arg: str, names: Sequence[str], image_dir: Optional[Path], where: P
     raise _unknown(arg, names, where)
 
 
+def images_of_run(*reports: str | os.PathLike) -> Optional[Path]:
+    """The image folder that a run recorded in its report (``settings.image_dir`` of ``report.json``), from the
+    first of ``reports`` that exists and names a folder that still exists; None if none does."""
+    for path in reports:
+        try:
+            folder = json.loads(Path(path).read_text(encoding="utf-8"))["settings"]["image_dir"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(folder, str) and Path(folder).is_dir():
+            logger.info("images from the run report %s: %s", path, folder)
+            return Path(folder)
+    return None
+
+
 def _run_matches(args: argparse.Namespace) -> int:
+    from .run import report_path
+
     src = _source(args.source, args.features)
     names = stored_names(args.source, args.features)
     where = src.path if src.kind == "db" else src.features
     images = args.images
+    if images is None and src.kind == "db":  # the run's report (with or without a model) names the folder
+        images = images_of_run(*(report_path(src.path, mapper) for mapper in ("none", "incremental")))
     if images is not None and not images.is_dir():
         raise ValueError(f"image folder {str(images)!r} does not exist or is not a folder")
     (name0, path0), (name1, path1) = (_resolve(a, names, images, where) for a in (args.image0, args.image1))
@@ -683,10 +702,13 @@ def _run_matches(args: argparse.Namespace) -> int:
 
 
 def _run_model(args: argparse.Namespace) -> int:
+    from .report import REPORT_FILE
+
     if args.images is not None and not args.images.is_dir():
         raise ValueError(f"image folder {str(args.images)!r} does not exist or is not a folder")
+    images = args.images if args.images is not None else images_of_run(args.model / REPORT_FILE)
     rec = _load_model(args.model)
-    fig = plot_model(rec, args.images, num_images=args.num_images, max_points=args.max_points, width=args.width,
+    fig = plot_model(rec, images, num_images=args.num_images, max_points=args.max_points, width=args.width,
                      title=str(args.model), fade=args.fade)
     save_figure(fig, args.output)
     return 0
@@ -744,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("image0", metavar="IMAGE0", help="stored image name (or path to the image file)")
     m.add_argument("image1", metavar="IMAGE1", help="stored image name (or path to the image file)")
     m.add_argument("--images", type=Path, default=None, metavar="DIR",
-                   help="image folder the stored names are relative to")
+                   help="image folder the stored names are relative to (default: the one in the report of the run "
+                        "that wrote DATABASE, if any)")
     m.add_argument("--features", type=Path, default=None, metavar="FILE",
                    help="hloc features file of a matches.h5 (None: features.h5 beside it)")
     m.add_argument("--max-lines", type=_count, default=300, help="matches drawn as lines (every match gets its dots)")
@@ -757,7 +780,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "keypoints of a few images: green with a 3D point, red without.")
     d.add_argument("model", type=Path, metavar="MODEL_DIR", help="COLMAP sparse model folder (.bin or .txt)")
     d.add_argument("--images", type=Path, default=None, metavar="DIR",
-                   help="image folder (without it the keypoints are drawn on blank canvases)")
+                   help="image folder (default: the one in the model's report.json, if any; without one the "
+                        "keypoints are drawn on blank canvases)")
     d.add_argument("--num-images", type=_count, default=4, help="images whose keypoints are shown")
     d.add_argument("--max-points", type=_positive, default=100_000, help="3D points drawn (a random sample)")
     _add_picture_arguments(d)

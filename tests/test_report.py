@@ -223,6 +223,7 @@ def test_report_of_a_run(scene_root, ok_run):
     # settings
     s = rep["settings"]
     assert s["checkpoint"] == str(root / "weights.pth") and s["preset"] == "default" and s["device"] == "cpu"
+    assert s["image_dir"] == os.path.abspath(root / "images")  # visualize takes the images from here
     assert (s["pairs"], s["mapper"], s["camera_mode"], s["camera_model"]) == ("exhaustive", "incremental", "auto",
                                                                                 "PINHOLE")
     assert s["keypoints"] == dataclasses.asdict(KeypointConfig(cell_size=2))

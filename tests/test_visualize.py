@@ -8,7 +8,9 @@ plain grey pictures of a different level each, so that what is drawn over them i
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -231,6 +233,34 @@ def test_model_picture_without_images(run, tmp_path, caplog):
     (x0, y0), (x1, y1) = fig.axes[2].get_window_extent().get_points()
     corner = png[png.shape[0] - int(y1) + 1, int(x0) + 1]
     assert corner.tolist() == [visualize.BLANK] * 3
+
+
+def test_image_folder_from_the_run_report(run, tmp_path, caplog):
+    """Without --images, the folder recorded in the run's report (settings.image_dir) is used: the pictures
+    equal those drawn with --images; a report naming a folder that is gone is ignored (blank canvases)."""
+    small = ["--width", "400", "--num-images", "2"]
+    with_images, from_report, gone = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    sparse = tmp_path / "sparse"
+    shutil.copytree(run["sparse"], sparse)
+    (sparse / "report.json").write_text(json.dumps({"settings": {"image_dir": str(run["images"])}}))
+    assert _main(["model", sparse, "--images", run["images"], "-o", with_images, *small], caplog)[0] == 0
+    code, log = _main(["model", sparse, "-o", from_report, *small], caplog)
+    assert code == 0 and f"images from the run report {sparse / 'report.json'}" in log, log
+    np.testing.assert_array_equal(_png(from_report), _png(with_images))
+    (sparse / "report.json").write_text(json.dumps({"settings": {"image_dir": str(tmp_path / "nope")}}))
+    assert _main(["model", sparse, "-o", gone, *small], caplog)[0] == 0
+    assert not np.array_equal(_png(gone), _png(with_images))
+    # matches of a database: the report beside it (--mapper none) or in its default model folder
+    db = tmp_path / "database.db"
+    shutil.copy(run["db"], db)
+    for report in (tmp_path / "database.db.report.json", tmp_path / "sparse" / "report.json"):
+        report.write_text(json.dumps({"settings": {"image_dir": str(run["images"])}}))
+        out = tmp_path / f"{report.parent.name}.png"
+        code, log = _main(["matches", db, *PAIR, "-o", out, "--width", "400"], caplog)
+        assert code == 0 and f"images from the run report {report}" in log, log
+        report.unlink()
+    code, log = _main(["matches", db, *PAIR, "-o", tmp_path / "none.png"], caplog)
+    assert code == 2 and "--images DIR" in log
 
 
 # ---- the overview of a run ------------------------------------------------------------------------
