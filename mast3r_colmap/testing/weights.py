@@ -22,6 +22,7 @@ import json
 import math
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
@@ -88,22 +89,48 @@ def _scale(key: str, shape: Shape) -> Tuple[float, float]:
     return 0.0, gain / math.sqrt(fan_in)
 
 
+#: Normals drawn per step of :func:`make_tensor`: the float64 draws stay in cache (a generator's stream does not
+#: depend on how its draws are split, so the values are those of one ``standard_normal(shape)``).
+_CHUNK = 1 << 16
+
+
 def make_tensor(key: str, shape: Shape, seed: int) -> torch.Tensor:
     """One float32 tensor following the module rules."""
     offset, scale = _scale(key, shape)
-    z = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))]).standard_normal(shape)
-    z *= scale
-    if offset:
-        z += offset
-    return torch.from_numpy(z.astype(np.float32))
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+    out = torch.empty(shape, dtype=torch.float32)  # torch's allocation: no huge-page compaction (numpy asks for it)
+    flat = out.numpy().reshape(-1)
+    buf = np.empty(min(flat.size, _CHUNK))
+    for start in range(0, flat.size, _CHUNK):
+        z = buf[: min(_CHUNK, flat.size - start)]
+        rng.standard_normal(out=z)
+        z *= scale
+        if offset:
+            z += offset
+        flat[start:start + z.size] = z  # rounded once to float32
+    return out
 
 
-def make_state_dict(config: str | MASt3RConfig, seed: int) -> Dict[str, torch.Tensor]:
-    """Deterministic float32 state_dict in official key order, alias keys sharing their tensors."""
+def make_state_dict(config: str | MASt3RConfig, seed: int, workers: int | None = None) -> Dict[str, torch.Tensor]:
+    """Deterministic float32 state_dict in official key order, alias keys sharing their tensors.
+
+    The tensors are drawn by ``workers`` threads (default: one per CPU; numpy draws without the GIL): each key
+    has its own generator, so the result does not depend on the number of threads.
+    """
     aliases = alias_keys()
+    layout = state_dict_layout(config)
+    own = [(key, shape) for key, shape in layout if key not in aliases]
+    workers = workers or min(len(own), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            # largest first, so that the threads finish together
+            order = sorted(own, key=lambda item: -math.prod(item[1]))
+            made = dict(zip((key for key, _ in order), pool.map(lambda item: make_tensor(*item, seed), order)))
+    else:
+        made = {key: make_tensor(key, shape, seed) for key, shape in own}
     sd: Dict[str, torch.Tensor] = {}
-    for key, shape in state_dict_layout(config):
-        sd[key] = sd[aliases[key]] if key in aliases else make_tensor(key, shape, seed)
+    for key, _ in layout:
+        sd[key] = sd[aliases[key]] if key in aliases else made[key]
     return sd
 
 
@@ -113,7 +140,7 @@ def weights_checksum(sd: Mapping[str, torch.Tensor]) -> str:
     for key, value in sd.items():
         h.update(key.encode("utf-8"))
         h.update(str(tuple(value.shape)).encode("ascii"))
-        h.update(value.detach().cpu().contiguous().numpy().astype("<f4", copy=False).tobytes())
+        h.update(value.detach().cpu().contiguous().numpy().astype("<f4", copy=False))  # its buffer, not a copy
     return h.hexdigest()
 
 
