@@ -75,7 +75,8 @@ def test_loaded_image_maps_to_the_stored_frame(tmp_path: Path, orientation: int)
 
 
 def _tagged_scene(orientations: dict[int, int]) -> SyntheticScene:
-    scene = SyntheticScene.make(num_cameras=8, image_size=(640, 480), seed=0, kind="planes")
+    """The scene of tests/test_pipeline_synthetic.py (320x240 pictures, matched at 160 px) with EXIF tags."""
+    scene = SyntheticScene.make(num_cameras=8, image_size=(320, 240), seed=0, kind="planes")
     return dataclasses.replace(scene, orientations={scene.names[i]: o for i, o in orientations.items()})
 
 
@@ -89,8 +90,8 @@ def test_matches_of_a_tagged_file_are_those_of_the_plain_file_rotated(tmp_path: 
     tagged.write_images(tmp_path / "tagged")
     plain.write_images(tmp_path / "plain")
     with Image.open(tmp_path / "tagged" / tagged.names[2]) as im:
-        assert im.size == (480, 640) and im.getexif()[0x0112] == 6
-    conf = get_config(preset, image_size=320)
+        assert im.size == (240, 320) and im.getexif()[0x0112] == 6
+    conf = get_config(preset, image_size=160)
     for a, b in [(2, 3), (3, 4)]:
         na, nb = tagged.names[a], tagged.names[b]
         got = Matcher(SyntheticNetwork(tagged), conf, image_dir=tmp_path / "tagged").match_pair(na, nb)
@@ -110,7 +111,7 @@ def test_database_and_hloc_routes_use_the_stored_frame(tmp_path: Path) -> None:
     scene = _tagged_scene({2: 6, 4: 3, 6: 8})
     images = tmp_path / "images"
     scene.write_images(images)
-    matcher = Matcher(SyntheticNetwork(scene), get_config("default", image_size=320), image_dir=images)
+    matcher = Matcher(SyntheticNetwork(scene), get_config("default", image_size=160), image_dir=images)
     config = PipelineConfig(pairs="sequential:3", camera_model="PINHOLE", progress=False)
     result = reconstruct(images, tmp_path / "database.db", matcher, config, output_dir=tmp_path / "sparse",
                          export_h5=tmp_path / "h5")
