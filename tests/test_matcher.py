@@ -15,6 +15,10 @@ from mast3r_colmap.matching.matcher import Matcher, MatcherConfig, get_config, m
 from mast3r_colmap.testing.synthetic import SyntheticNetwork, SyntheticScene
 
 OFFSET = np.array([150.0, 100.0])  # (x, y) of image 1 inside the texture, relative to image 0
+HALF_OFFSET = OFFSET / 2             # the same for half_texture_pair (400x300 views)
+#: Coarse-to-fine on half_texture_pair: 400x300 pictures at 256 px are 800x600 pictures at the preset's 512 px
+#: (the same downscale, crops and crop pairs) with a quarter of the pixels to match.
+HALF = 256
 
 
 class ImageDescriptorNetwork:
@@ -53,18 +57,31 @@ class ImageDescriptorNetwork:
         return {"desc": desc, "desc_conf": torch.full((b, h, w), 2.0)}
 
 
-@pytest.fixture(scope="module")
-def texture_pair(tmp_path_factory):
-    """Two 800x600 views of one texture, image 1 shifted by OFFSET: the true matches are xy0 = xy1 + OFFSET."""
+def _texture() -> np.ndarray:
+    """A 1000x800 RGB texture: smooth colours plus per-pixel noise."""
     rng = np.random.default_rng(0)
     smooth = Image.fromarray((rng.random((80, 100, 3)) * 255).astype(np.uint8)).resize((1000, 800), Image.BICUBIC)
     tex = np.asarray(smooth).astype(np.float32) * 0.8 + rng.random((800, 1000, 3)) * 50
-    tex = np.clip(tex, 0, 255).astype(np.uint8)
-    folder = tmp_path_factory.mktemp("tex")
-    ox, oy = OFFSET.astype(int)
-    Image.fromarray(tex[:600, :800]).save(folder / "a.png")
-    Image.fromarray(tex[oy:oy + 600, ox:ox + 800]).save(folder / "b.png")
+    return np.clip(tex, 0, 255).astype(np.uint8)
+
+
+def _views(tex: np.ndarray, size, offset, folder):
+    (w, h), (ox, oy) = size, offset.astype(int)
+    Image.fromarray(tex[:h, :w]).save(folder / "a.png")
+    Image.fromarray(tex[oy:oy + h, ox:ox + w]).save(folder / "b.png")
     return folder / "a.png", folder / "b.png"
+
+
+@pytest.fixture(scope="module")
+def texture_pair(tmp_path_factory):
+    """Two 800x600 views of one texture, image 1 shifted by OFFSET: the true matches are xy0 = xy1 + OFFSET."""
+    return _views(_texture(), (800, 600), OFFSET, tmp_path_factory.mktemp("tex"))
+
+
+@pytest.fixture(scope="module")
+def half_texture_pair(tmp_path_factory):
+    """Two 400x300 views of the texture, image 1 shifted by HALF_OFFSET."""
+    return _views(_texture(), (400, 300), HALF_OFFSET, tmp_path_factory.mktemp("half"))
 
 
 def test_presets():
@@ -94,54 +111,58 @@ def test_default_matches_in_original_pixels(texture_pair):
 
 
 @pytest.mark.slow
-def test_hires_is_exact_at_full_resolution(texture_pair):
+def test_hires_is_exact_at_full_resolution(half_texture_pair):
     """Coarse-to-fine: crops at native resolution give matches exactly on the true shift."""
     model = ImageDescriptorNetwork()
-    coarse = match_pair(model, *texture_pair, "default")
+    coarse = match_pair(model, *half_texture_pair, get_config("default", image_size=HALF))
     model = ImageDescriptorNetwork()
-    fine = match_pair(model, *texture_pair, "hires")
+    fine = match_pair(model, *half_texture_pair, get_config("hires", image_size=HALF))
     assert len(fine) > 3 * len(coarse)
-    exact = np.all(fine.xy0 == fine.xy1 + OFFSET, axis=1)
+    exact = np.all(fine.xy0 == fine.xy1 + HALF_OFFSET, axis=1)
     # the rest come from crop pairs that only partly overlap (content absent from the other crop)
     assert exact.mean() > 0.95, f"{exact.mean():.3f} of the fine matches are exact"
     # integer full-resolution pixels, unique rows
     assert np.array_equal(fine.xy0, np.round(fine.xy0))
     assert len(np.unique(np.concatenate([fine.xy0, fine.xy1], 1), axis=0)) == len(fine)
     # every crop is encoded once: the crop shapes are training resolutions
-    crops = [s for s in model.encoded if s != (384, 512)]
+    crops = [s for s in model.encoded if s != (192, 256)]
     assert crops == [] or all(h % 16 == 0 and w % 16 == 0 for h, w in crops)
 
 
 def test_hires_equals_default_for_small_images(tmp_path):
+    """200x150 pictures at 256 px (as 400x300 ones at the preset's 512 px): upsampled, never cropped."""
     rng = np.random.default_rng(1)
-    tex = np.asarray(Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((480, 360), Image.BICUBIC))
-    Image.fromarray(tex[:300, :400]).save(tmp_path / "a.png")
-    Image.fromarray(tex[20:320, 30:430]).save(tmp_path / "b.png")
-    a = match_pair(ImageDescriptorNetwork(), tmp_path / "a.png", tmp_path / "b.png", "default")
-    b = match_pair(ImageDescriptorNetwork(), tmp_path / "a.png", tmp_path / "b.png", "hires")
+    tex = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((240, 180), Image.BICUBIC)
+    tex = np.asarray(tex)
+    Image.fromarray(tex[:150, :200]).save(tmp_path / "a.png")
+    Image.fromarray(tex[10:160, 15:215]).save(tmp_path / "b.png")
+    pair = (tmp_path / "a.png", tmp_path / "b.png")
+    a = match_pair(ImageDescriptorNetwork(), *pair, get_config("default", image_size=HALF))
+    b = match_pair(ImageDescriptorNetwork(), *pair, get_config("hires", image_size=HALF))
     assert len(a) > 0
     assert np.array_equal(a.xy0, b.xy0) and np.array_equal(a.xy1, b.xy1) and np.array_equal(a.scores, b.scores)
 
 
 @pytest.mark.slow
-def test_hires_with_one_small_image(texture_pair, tmp_path):
-    """A large image with a small one (410x330): the small one's crop is the image cut to multiples of 16."""
-    a, _ = texture_pair
+def test_hires_with_one_small_image(half_texture_pair, tmp_path):
+    """A large image with one smaller than the network size (205x165 at 256 px): the small one's crop is the image
+    cut to multiples of 16."""
+    a, _ = half_texture_pair
     img = Image.open(a)
-    img.crop((100, 100, 510, 430)).save(tmp_path / "small.png")  # 410x330 at offset (100, 100) of image a
-    pm = match_pair(ImageDescriptorNetwork(), a, tmp_path / "small.png", "hires")
-    exact = np.all(pm.xy0 == pm.xy1 + 100, axis=1)
-    assert len(pm) > 1000 and exact.mean() > 0.9  # crops of a reach beyond what the small image shows
-    assert pm.xy1[:, 0].max() < 410 and pm.xy1[:, 1].max() < 330  # in the small image (400x320 crops)
+    img.crop((50, 50, 255, 215)).save(tmp_path / "small.png")  # 205x165 at offset (50, 50) of image a
+    pm = match_pair(ImageDescriptorNetwork(), a, tmp_path / "small.png", get_config("hires", image_size=HALF))
+    exact = np.all(pm.xy0 == pm.xy1 + 50, axis=1)
+    assert len(pm) > 1000 and exact.mean() > 0.9  # crops of a reach beyond what the small image shows (0.92)
+    assert pm.xy1[:, 0].max() < 205 and pm.xy1[:, 1].max() < 165  # in the small image (192x160 crops)
 
 
-def test_encodings_are_reused(texture_pair, tmp_path):
+def test_encodings_are_reused(half_texture_pair, tmp_path):
     """Three pairs over three images: each image is encoded exactly once."""
-    a, b = texture_pair
+    a, b = half_texture_pair
     c = tmp_path / "c.png"
     Image.open(a).transpose(Image.FLIP_LEFT_RIGHT).save(c)
     model = ImageDescriptorNetwork()
-    matcher = Matcher(model, "default")
+    matcher = Matcher(model, get_config("default", image_size=HALF))
     out = list(matcher.match_pairs([(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]))
     assert [(p.name0, p.name1) for p in out] == [(str(a), str(b)), (str(a), str(c)), (str(b), str(c))]
     assert len(model.encoded) == 3
@@ -186,16 +207,16 @@ def test_sfm_preset_equals_symmetric_extraction(small_model):
 
 
 @pytest.mark.slow
-def test_hires_decodes_originals_only_for_missing_crops(texture_pair, monkeypatch):
+def test_hires_decodes_originals_only_for_missing_crops(half_texture_pair, monkeypatch):
     """A pair matched again with its crop encodings cached decodes no full-resolution image."""
     import mast3r_colmap.matching.matcher as matcher_module
 
-    a, b = texture_pair
+    a, b = half_texture_pair
     decoded = []
     real = matcher_module.load_original
     monkeypatch.setattr(matcher_module, "load_original", lambda p: decoded.append(p) or real(p))
     model = ImageDescriptorNetwork()
-    matcher = Matcher(model, "hires")
+    matcher = Matcher(model, get_config("hires", image_size=HALF))
     first = matcher.match_pair(str(a), str(b))
     assert sorted(decoded) == sorted([str(a), str(b)])
     n_encoded = len(model.encoded)
@@ -245,13 +266,14 @@ def test_prefetching_loads_in_background_with_identical_results(texture_pair, tm
         np.testing.assert_array_equal(p.scores, q.scores)
 
 
-def test_prefetching_raises_bad_images_at_their_pair(texture_pair, tmp_path):
+def test_prefetching_raises_bad_images_at_their_pair(half_texture_pair, tmp_path):
     """The pairs before an unreadable image are delivered (even from a partial batch), then it raises."""
     from mast3r_colmap.images import ImageLoadError
 
-    a, b = texture_pair
+    a, b = half_texture_pair
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
-    matcher = Matcher(ImageDescriptorNetwork(), {"num_workers": 2, "batch_size": 2})
+    # 320 px: ~2300 matches in the first pair (~950 at 256 px)
+    matcher = Matcher(ImageDescriptorNetwork(), {"num_workers": 2, "batch_size": 2, "image_size": 320})
     results = matcher.match_pairs([(str(a), str(b)), (str(a), str(tmp_path / "broken.jpg")), (str(b), str(a))])
     assert len(next(results)) > 1000
     with pytest.raises(ImageLoadError, match="broken.jpg"):
