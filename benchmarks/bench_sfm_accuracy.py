@@ -27,10 +27,11 @@ by about 1 %: multi-threaded bundle adjustment), plus registration and the time 
 
 Rendered images and raw matches are cached per scene and seed under ``--cache`` (matches in a
 ``MatchStore`` keyed by the matcher's settings, noise included), so re-runs only consolidate and map.
-On a 2-core CPU, one ``default`` pair at 1600x1200 takes about 2-5 s to match, one ``hires`` pair about
-6 minutes (about 20 full-resolution crop pairs), and rendering takes about 4-10 s per 1600x1200 image: the
-full ``planes10`` (3 seeds) ran in 42 minutes, ``box30`` with one seed in 38 minutes; ``planes6-hires``
-needs about an hour per seed and noise level for the matches alone.
+On a 2-core CPU, one ``default`` pair at 1600x1200 takes about 2-5 s to match, one ``hires`` pair 1.5-3
+minutes (about 20 full-resolution crop pairs; fast reciprocal matching of the crops is most of it), and
+rendering takes 4-15 s per 1600x1200 image. Measured 2026-12-02 with other work on the machine: the full
+``planes10`` (3 seeds, both noise levels) in 42 minutes, ``planes4-hires`` in 82 minutes (one torch thread),
+``box30`` in about 2.5 hours.
 """
 
 from __future__ import annotations
@@ -84,13 +85,13 @@ class SceneSpec:
 SCENES: Dict[str, SceneSpec] = {
     "planes10": SceneSpec("planes", 10, (1600, 1200), "default", "exhaustive"),
     "box30": SceneSpec("box", 30, (1600, 1200), "default", "sequential:3:loop"),
-    "planes6-hires": SceneSpec("planes", 6, (1600, 1200), "hires", "sequential:2"),
+    "planes4-hires": SceneSpec("planes", 4, (1600, 1200), "hires", "sequential:2"),
 }
 #: --quick: the same scenes, smaller (a few minutes in all).
 QUICK: Dict[str, SceneSpec] = {
     "planes10": SceneSpec("planes", 8, (800, 600), "default", "exhaustive", image_size=256),
     "box30": SceneSpec("box", 12, (800, 600), "default", "sequential:3:loop", image_size=256),
-    "planes6-hires": SceneSpec("planes", 6, (512, 384), "hires", "sequential:2", image_size=256),
+    "planes4-hires": SceneSpec("planes", 4, (512, 384), "hires", "sequential:2", image_size=256),
 }
 #: Two mappings of the same keypoints differ a little (multi-threaded bundle adjustment): a relative gap up to
 #: this much is a tie even with one seed.
