@@ -23,11 +23,16 @@ def test_exit_code_values() -> None:
     assert (EXIT_BAD_INPUT, EXIT_NO_MODEL) == (2, 3)
 
 
-def test_help_lists_exit_codes() -> None:
-    out = subprocess.run([sys.executable, "-m", "mast3r_colmap.run", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    assert re.search(r"^exit codes:\n  0 +success\n  2 +bad input", out.stdout, re.MULTILINE)
-    assert re.search(r"^  3 +no model: the mapper registered fewer than 2 images", out.stdout, re.MULTILINE)
+def test_help_lists_exit_codes(capsys, monkeypatch) -> None:
+    from mast3r_colmap.run import main
+
+    monkeypatch.setenv("COLUMNS", "80")  # argparse's width, as in a pipe (python -m mast3r_colmap.run: test below)
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^exit codes:\n  0 +success\n  2 +bad input", out, re.MULTILINE)
+    assert re.search(r"^  3 +no model: the mapper registered fewer than 2 images", out, re.MULTILINE)
 
 
 @pytest.mark.parametrize("device, message", [
@@ -68,8 +73,10 @@ def test_no_model_exits_3_and_leaves_no_temp_files(images, tmp_path, small_pth) 
     """The untrained test weights give a verified pair but far too few inliers for an initial pair."""
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
+    # --no-focal-prior: the focal pass of the random test weights (a full-head decode per image) has nothing to do
+    # with the mapper's outcome or COLMAP's files (as conftest.run_main)
     proc = subprocess.run([sys.executable, "-m", "mast3r_colmap.run", str(images), str(tmp_path / "db.db"),
-                           "--checkpoint", str(small_pth), "--no-progress"],
+                           "--checkpoint", str(small_pth), "--no-progress", "--no-focal-prior"],
                           env=dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == EXIT_NO_MODEL, proc.stderr
