@@ -49,11 +49,19 @@ def test_missing_checkpoint_through_the_repository_wrapper(dataset, tmp_path):
     argv = [sys.executable, "-m", "pipelines.aachen", "--dataset", str(dataset), "--outputs", str(tmp_path / "o"),
             "--checkpoint", str(tmp_path / "missing.pth"), "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    quiet = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == EXIT_BAD_INPUT, quiet.stderr
-    assert "missing.pth" in quiet.stderr and "not found" in quiet.stderr and "Traceback" not in quiet.stderr
-    verbose = subprocess.run(argv + ["-v"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert verbose.returncode == EXIT_BAD_INPUT and "Traceback" in verbose.stderr, verbose.stderr
+    # both commands at once (independent; each process spends its time importing)
+    procs = [subprocess.Popen(a, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in (argv, argv + ["-v"])]
+    try:
+        (_, quiet), (_, verbose) = (p.communicate(timeout=300) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert procs[0].returncode == EXIT_BAD_INPUT, quiet
+    assert "missing.pth" in quiet and "not found" in quiet and "Traceback" not in quiet
+    assert procs[1].returncode == EXIT_BAD_INPUT and "Traceback" in verbose, verbose
 
 
 def test_bad_options_are_bad_input(dataset, tmp_path, caplog, monkeypatch):
