@@ -18,12 +18,17 @@ from mast3r_colmap.run import EXIT_BAD_INPUT
 
 
 
-def test_help():
-    out = subprocess.run([sys.executable, "-m", "mast3r_colmap.run", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
+def test_help(capsys):
+    """In process (``python -m mast3r_colmap.run`` itself runs in tests/test_exit_codes.py)."""
+    from mast3r_colmap.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--pairs", "--checkpoint", "--device", "--preset", "--camera-mode", "--export-h5", "--mapper",
                  "--output", "--strict", "--batch-size", "--cache-size", "--num-workers"):
-        assert flag in out.stdout
+        assert flag in out
 
 
 def test_missing_folder(tmp_path, caplog):
@@ -209,18 +214,30 @@ def _poses_file(path: Path, names) -> Path:
     return path
 
 
+def _run_at_once(commands) -> list:
+    """``subprocess.run(command, capture_output=True, text=True)`` of independent commands, all at once (their
+    time is mostly imports)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    done = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return done
+
+
 def test_evaluate_logging_and_bad_input(tmp_path):
     """The same policy as the other tools: one message and exit 2, the traceback only with -v; -q and
     --log-level filter the log."""
     gt = _poses_file(tmp_path / "gt.txt", ["a.jpg", "b.jpg"])
     res = _poses_file(tmp_path / "res.txt", ["a.jpg"])
     cmd = [sys.executable, "-m", "mast3r_colmap.evaluate"]
-    out = subprocess.run(cmd + [str(tmp_path / "missing.txt"), str(gt)], capture_output=True, text=True)
-    assert out.returncode == EXIT_BAD_INPUT and "missing.txt" in out.stderr and "Traceback" not in out.stderr
-    out = subprocess.run(cmd + [str(tmp_path / "missing.txt"), str(gt), "-v"], capture_output=True, text=True)
-    assert out.returncode == EXIT_BAD_INPUT and "Traceback" in out.stderr
-    out = subprocess.run(cmd + [str(res), str(gt)], capture_output=True, text=True)
-    assert out.returncode == 0 and "1 of 2 ground-truth queries have no result" in out.stderr
-    assert "2 queries (1 missing)" in out.stdout
-    out = subprocess.run(cmd + [str(res), str(gt), "--log-level", "ERROR"], capture_output=True, text=True)
-    assert out.returncode == 0 and "no result" not in out.stderr and "2 queries (1 missing)" in out.stdout
+    missing, verbose, ok, quiet = _run_at_once([cmd + [str(tmp_path / "missing.txt"), str(gt)],
+                                                cmd + [str(tmp_path / "missing.txt"), str(gt), "-v"],
+                                                cmd + [str(res), str(gt)],
+                                                cmd + [str(res), str(gt), "--log-level", "ERROR"]])
+    assert missing.returncode == EXIT_BAD_INPUT and "missing.txt" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert verbose.returncode == EXIT_BAD_INPUT and "Traceback" in verbose.stderr
+    assert ok.returncode == 0 and "1 of 2 ground-truth queries have no result" in ok.stderr
+    assert "2 queries (1 missing)" in ok.stdout
+    assert quiet.returncode == 0 and "no result" not in quiet.stderr and "2 queries (1 missing)" in quiet.stdout
