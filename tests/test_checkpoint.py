@@ -26,6 +26,18 @@ def _forward(model, vectors):
         return model({"img": a}, {"img": b})
 
 
+@pytest.fixture(scope="module")
+def small_state():
+    """The small seed-1 state_dict, drawn once: the tests change copies of the dict, never a tensor."""
+    return make_state_dict("small", 1)
+
+
+@pytest.fixture(scope="module")
+def small_outputs(small_model, vectors):
+    """The outputs of the small seed-1 model on the golden inputs, which every loaded copy must give."""
+    return _forward(small_model, vectors)
+
+
 def _save_pth(path, model_str, state):
     torch.save({"args": argparse.Namespace(model=model_str), "model": state, "epoch": 0}, path)
 
@@ -64,11 +76,11 @@ def test_desc_conf_mode_falls_back_to_conf_mode():
 
 # ---- formats ---------------------------------------------------------------------------------
 
-def test_load_official_pth(small_pth, small_model, vectors):
+def test_load_official_pth(small_pth, small_outputs, vectors):
     model = load_model(small_pth, device="cpu")
     assert model.conf == CONFIGS["small"]
     assert not any(p.requires_grad for p in model.parameters())
-    ours, ref = _forward(model, vectors), _forward(small_model, vectors)
+    ours, ref = _forward(model, vectors), small_outputs
     for p, r in zip(ours, ref):
         for k in r:
             assert torch.equal(p[k], r[k]), k
@@ -76,10 +88,10 @@ def test_load_official_pth(small_pth, small_model, vectors):
     assert_output_close("desc", ours[0]["desc"][0], v["same_pred1_desc"])
 
 
-def test_load_hub_dir(small_hub_dir, small_model, vectors):
+def test_load_hub_dir(small_hub_dir, small_outputs, vectors):
     assert json.loads((small_hub_dir / "config.json").read_text())["depth_mode"] == ["exp", -math.inf, math.inf]
     model = load_model(small_hub_dir, device="cpu")
-    ours, ref = _forward(model, vectors), _forward(small_model, vectors)
+    ours, ref = _forward(model, vectors), small_outputs
     for p, r in zip(ours, ref):
         for k in r:
             assert torch.equal(p[k], r[k]), k
@@ -144,32 +156,32 @@ def test_truncated_safetensors(small_hub_dir, tmp_path):
         load_model(tmp_path, device="cpu")
 
 
-def test_unknown_key(tmp_path):
-    state = make_state_dict("small", 1)
+def test_unknown_key(tmp_path, small_state):
+    state = dict(small_state)
     state["enc_blocks.0.attn.extra.weight"] = torch.zeros(3)
     _save_pth(tmp_path / "x.pth", constructor_string("small"), state)
     with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): enc_blocks.0.attn.extra.weight"):
         load_model(tmp_path / "x.pth", device="cpu")
 
 
-def test_missing_key(tmp_path):
-    state = make_state_dict("small", 1)
+def test_missing_key(tmp_path, small_state):
+    state = dict(small_state)
     del state["dec_blocks2.3.cross_attn.projk.bias"]
     _save_pth(tmp_path / "x.pth", constructor_string("small"), state)
     with pytest.raises(CheckpointError, match=r"1 missing key\(s\): dec_blocks2.3.cross_attn.projk.bias"):
         load_model(tmp_path / "x.pth", device="cpu")
 
 
-def test_shape_mismatch(tmp_path):
-    state = make_state_dict("small", 1)
+def test_shape_mismatch(tmp_path, small_state):
+    state = dict(small_state)
     state["enc_norm.weight"] = torch.ones(65)
     _save_pth(tmp_path / "x.pth", constructor_string("small"), state)
     with pytest.raises(CheckpointError, match=r"enc_norm.weight: checkpoint \(65,\) vs network \(64,\)"):
         load_model(tmp_path / "x.pth", device="cpu")
 
 
-def test_unknown_constructor_argument(tmp_path):
-    _save_pth(tmp_path / "x.pth", constructor_string("small")[:-1] + ", fancy_option=3)", make_state_dict("small", 1))
+def test_unknown_constructor_argument(tmp_path, small_state):
+    _save_pth(tmp_path / "x.pth", constructor_string("small")[:-1] + ", fancy_option=3)", small_state)
     with pytest.raises(CheckpointError, match="unknown constructor argument.*fancy_option"):
         load_model(tmp_path / "x.pth", device="cpu")
 
@@ -192,8 +204,8 @@ def test_hub_dir_without_weights(small_hub_dir, tmp_path):
         load_model(tmp_path, device="cpu")
 
 
-def test_aliases_are_optional_and_checked(tmp_path, small_model, vectors):
-    state = make_state_dict("small", 1)
+def test_aliases_are_optional_and_checked(tmp_path, small_state):
+    state = small_state
     # the safetensors form: aliases absent
     no_alias = {k: v for k, v in state.items() if ".layer_rn." not in k and k != "mask_token"}
     _save_pth(tmp_path / "a.pth", constructor_string("small"), no_alias)
