@@ -74,8 +74,9 @@ def small_model():
     from mast3r_colmap.model.checkpoint import match_state_dict
     from mast3r_colmap.testing.weights import make_state_dict
 
-    model = MASt3R("small")
-    model.load_state_dict(match_state_dict(model, make_state_dict("small", 1)))
+    with torch.device("meta"):  # as load_model: no random initialisation to overwrite
+        model = MASt3R("small")
+    model.load_state_dict(match_state_dict(model, make_state_dict("small", 1)), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -38,10 +38,17 @@ def _ref_config(c: MASt3RConfig) -> RefConfig:
                      conf_mode=c.conf_mode, desc_conf_mode=c.desc_conf_mode)
 
 
-def _model(config, seed: int) -> MASt3R:
-    model = MASt3R(config)
-    model.load_state_dict(match_state_dict(model, make_state_dict(config, seed)))
+def _loaded(config, sd) -> MASt3R:
+    """The network of ``config`` holding the tensors of ``sd``, built as load_model builds it (on the meta device,
+    then the weights assigned: no random initialisation to overwrite)."""
+    with torch.device("meta"):
+        model = MASt3R(config)
+    model.load_state_dict(match_state_dict(model, sd), strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _model(config, seed: int) -> MASt3R:
+    return _loaded(config, make_state_dict(config, seed))
 
 
 def _images(seed: int, b: int, h: int, w: int) -> torch.Tensor:
@@ -81,9 +88,7 @@ REFERENCE_CASES = [
 def test_against_reference(config, seed, batch, shape1, shape2):
     conf = CONFIGS[config] if isinstance(config, str) else config
     sd = make_state_dict(conf, seed)
-    model = MASt3R(conf)
-    model.load_state_dict(match_state_dict(model, sd))
-    model.eval().requires_grad_(False)
+    model = _loaded(conf, sd)
     img1 = _images(100 + seed, batch, *shape1)
     img2 = _images(200 + seed, batch, *shape2)
     with torch.no_grad():
