@@ -42,10 +42,20 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 from . import __version__
 from .utils import atomic_write_text
 
-__all__ = ["HISTOGRAM_EDGES", "REPORT_FILE", "RunReport", "histogram", "jsonable", "peak_resources", "versions"]
+__all__ = ["HISTOGRAM_EDGES", "REPORT_FILE", "RunReport", "histogram", "jsonable", "peak_resources",
+           "report_beside_database", "versions"]
 
 #: Name of the report file in a model folder.
 REPORT_FILE = "report.json"
+
+
+def report_beside_database(database: str | os.PathLike) -> Path:
+    """``DATABASE.report.json``: the report of a run that made no model (``--mapper none``); a run with a model
+    writes :data:`REPORT_FILE` into the model folder."""
+    database = Path(database)
+    return database.with_name(database.name + ".report.json")
+
+
 #: Lower edges of the histogram bins; the last bin has no upper end.
 HISTOGRAM_EDGES = (0, 1, 10, 30, 100, 300, 1000, 3000, 10000, 30000)
 _FORMAT = 1

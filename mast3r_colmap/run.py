@@ -143,10 +143,10 @@ def report_path(database: Path, mapper: str, output: Optional[Path] = None) -> P
     """Where a run's report goes: ``report.json`` in the model folder, or ``DATABASE.report.json``
     beside the database with ``--mapper none``."""
     from .mapping import default_output_dir
-    from .report import REPORT_FILE
+    from .report import REPORT_FILE, report_beside_database
 
     if mapper == "none":
-        return database.with_name(database.name + ".report.json")
+        return report_beside_database(database)
     return Path(output or default_output_dir(database)) / REPORT_FILE
 
 

@@ -683,14 +683,15 @@ def images_of_run(*reports: str | os.PathLike) -> Optional[Path]:
 
 
 def _run_matches(args: argparse.Namespace) -> int:
-    from .run import report_path
+    from .mapping import default_output_dir
+    from .report import REPORT_FILE, report_beside_database
 
     src = _source(args.source, args.features)
     names = stored_names(args.source, args.features)
     where = src.path if src.kind == "db" else src.features
     images = args.images
     if images is None and src.kind == "db":  # the run's report (with or without a model) names the folder
-        images = images_of_run(*(report_path(src.path, mapper) for mapper in ("none", "incremental")))
+        images = images_of_run(report_beside_database(src.path), default_output_dir(src.path) / REPORT_FILE)
     if images is not None and not images.is_dir():
         raise ValueError(f"image folder {str(images)!r} does not exist or is not a folder")
     (name0, path0), (name1, path1) = (_resolve(a, names, images, where) for a in (args.image0, args.image1))

@@ -43,7 +43,8 @@ ALLOWED: dict[str, set[str]] = {
                              "verification", "mapping", "pipeline", "cli"},
     "hloc": _BASE | {"images", "store", "keypoints", "matching", "pairs", "export", "pipeline", "cli"},
     "evaluate": _BASE | {"cli"},
-    "visualize": _BASE | {"export", "mapping", "cli"},  # pictures of matches and models, and their command line
+    # pictures of matches and models, and their command line (the image folder from a run's report)
+    "visualize": _BASE | {"export", "mapping", "cli", "report"},
     # the command lines: argument parsing and wiring, on top of everything
     "cli": _BASE | {"model", "matching"},
     "run": None,
