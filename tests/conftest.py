@@ -127,6 +127,16 @@ def images(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def presets_at_256(monkeypatch):
+    """The matcher presets at 256 px instead of 512, patched in their table (the command line has no image-size
+    flag): for runs to which the network's input size is incidental, a quarter of the pixels to encode and match."""
+    from mast3r_colmap.matching import matcher as matcher_module
+
+    for preset, fields in list(matcher_module.confs.items()):
+        monkeypatch.setitem(matcher_module.confs, preset, {**fields, "image_size": 256})
+
+
 def run_main(argv, caplog, focal_prior: bool = False) -> tuple[int, str]:
     """``mast3r_colmap.run.main(argv + ["--no-progress"])`` in process: (exit code, log text).
 

@@ -278,14 +278,6 @@ CASES = {
 }
 
 
-def _match_at_256_px(monkeypatch) -> None:
-    """Runs that go through match at 256 px instead of the default preset's 512: the rows are about reading odd
-    pictures, names and faults, done before any resizing (a quarter of the pixels for the network and matching)."""
-    from mast3r_colmap.matching import matcher as matcher_module
-
-    monkeypatch.setitem(matcher_module.confs, "default", {**matcher_module.confs["default"], "image_size": 256})
-
-
 def _run_cli(argv, caplog, capsys) -> tuple[int, str]:
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -297,7 +289,7 @@ def _run_cli(argv, caplog, capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input(name, tmp_path, small_pth, caplog, capsys, monkeypatch):
+def test_bad_input(name, tmp_path, small_pth, caplog, capsys, monkeypatch, request):
     case = CASES[name]
     if name == "huge photo with --strict":
         monkeypatch.setattr("mast3r_colmap.images.MAX_IMAGE_PIXELS", 2_000_000)
@@ -309,7 +301,9 @@ def test_bad_input(name, tmp_path, small_pth, caplog, capsys, monkeypatch):
     if name == "--device cuda without CUDA":
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     if case.code == 0:
-        _match_at_256_px(monkeypatch)
+        # the rows are about reading odd pictures and names, done before any resizing: the runs that go through
+        # match at 256 px
+        request.getfixturevalue("presets_at_256")
     monkeypatch.chdir(tmp_path)  # a malicious pickle would write PWNED here
     argv = case.setup(tmp_path, small_pth)
     if case.checkpoint:
@@ -351,9 +345,8 @@ _HOLDER = textwrap.dedent("""
 """)
 
 
-def test_concurrent_run_stops_at_once(tmp_path, small_pth, caplog, capsys, monkeypatch):
+def test_concurrent_run_stops_at_once(tmp_path, small_pth, caplog, capsys, presets_at_256):
     """A second run on a database in use stops before loading anything, naming the holder."""
-    _match_at_256_px(monkeypatch)
     argv = [_two_images(tmp_path / "images"), tmp_path / "db.db", "--checkpoint", small_pth]
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path / "db.db")], stdout=subprocess.PIPE,
                               text=True)

@@ -17,12 +17,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "sacre_coeur" / "images"
 
 
 @pytest.mark.slow
-def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys, monkeypatch):
-    from mast3r_colmap.matching import matcher as matcher_module
-
-    # the default preset at 256 px (patched in its table): the same run at a quarter of the pixels (the untrained
-    # weights' matches mean nothing at any size; the test is about the run and what it writes)
-    monkeypatch.setitem(matcher_module.confs, "default", {**matcher_module.confs["default"], "image_size": 256})
+def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys, presets_at_256):
+    # at 256 px (presets_at_256): the untrained weights' matches mean nothing at any size; the test is about the run
+    # and what it writes
     db = tmp_path / "database.db"
     code = main([str(EXAMPLE), str(db), "--checkpoint", str(small_pth), "--pairs", "sequential:2",
                  "--export-h5", str(tmp_path / "h5"), "--output", str(tmp_path / "sparse"), "--no-progress"])

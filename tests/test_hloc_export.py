@@ -24,12 +24,8 @@ def _cli(*argv) -> int:
     return main([str(a) for a in argv] + ["--no-progress", "--mapper", "none"])
 
 
-def test_export_on_a_rerun_into_a_new_folder_is_complete(tmp_path, small_pth, hloc, monkeypatch):
+def test_export_on_a_rerun_into_a_new_folder_is_complete(tmp_path, small_pth, hloc, presets_at_256):
     from hloc.utils.io import get_keypoints, get_matches
-    from mast3r_colmap.matching import matcher as matcher_module
-
-    # the default preset at 256 px (patched in its table): the export is the same code at a quarter of the pixels
-    monkeypatch.setitem(matcher_module.confs, "default", {**matcher_module.confs["default"], "image_size": 256})
 
     images = tmp_path / "images"
     images.mkdir()

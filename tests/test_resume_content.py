@@ -320,12 +320,8 @@ def test_reference_database_takes_the_settings_of_its_first_matching_run(scenes,
 
 # ---- the command line --------------------------------------------------------------------------------
 
-def test_cli_refuses_other_preset_or_weights_and_overwrites(tmp_path, caplog, monkeypatch):
-    from mast3r_colmap.matching import matcher as matcher_module
-
-    # every preset at 256 px instead of 512 (patched in their table): a quarter of the pixels to match
-    for preset, fields in list(matcher_module.confs.items()):
-        monkeypatch.setitem(matcher_module.confs, preset, {**fields, "image_size": 256})
+def test_cli_refuses_other_preset_or_weights_and_overwrites(tmp_path, caplog, presets_at_256):
+    # every preset at 256 px (presets_at_256): the settings that differ between presets stay mode and conf_threshold
     images = tmp_path / "images"
     images.mkdir()
     for name in ("03903474_1471484089.jpg", "10265353_3838484249.jpg"):

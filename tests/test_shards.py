@@ -384,7 +384,7 @@ def test_torchrun_env(monkeypatch):
 # ---- the command line ------------------------------------------------------------------------------
 
 
-def test_cli_shard_runs_then_merge(images, small_pth, tmp_path, caplog, capsys):
+def test_cli_shard_runs_then_merge(images, small_pth, tmp_path, caplog, capsys, presets_at_256):
     """`--shard 0/2` and `--shard 1/2` (the test checkpoint, two photos: one pair) fill their shard stores only; the
     same command without --shard merges them into a database identical to the run of one process."""
     from conftest import run_main
