@@ -12,8 +12,6 @@ import logging
 import os
 import shutil
 import sqlite3
-import tempfile
-import weakref
 from pathlib import Path
 
 import pytest
@@ -45,13 +43,12 @@ class CountingMatcher:
 
     Its settings leave out the oracle's scene digest: scene B's oracle then stands for the *same*
     weights as scene A's, so that B's pictures under A's names are new pictures, not new weights.
+    It reads the pictures of its own scene (``pictures``, the folder the ``scenes`` fixture wrote for it:
+    the oracle describes its own scene's pictures), whatever a test puts in the folder it reconstructs.
     """
 
-    def __init__(self, scene: SyntheticScene, conf: str = "default"):
-        folder = tempfile.mkdtemp(prefix="mast3r-resume-")
-        weakref.finalize(self, shutil.rmtree, folder, True)
-        scene.write_images(folder)  # the oracle describes its own scene's pictures
-        self.base = Matcher(SyntheticNetwork(scene), get_config(conf, image_size=160), image_dir=folder)
+    def __init__(self, scene: SyntheticScene, pictures: Path, conf: str = "default"):
+        self.base = Matcher(SyntheticNetwork(scene), get_config(conf, image_size=160), image_dir=pictures)
         self.matched: list = []
 
     def settings(self):
@@ -117,7 +114,7 @@ def _content(db: Path) -> dict:
 
 def test_store_recomputes_pairs_of_new_pictures(scenes, tmp_path):
     images = _folder(scenes, tmp_path)
-    matcher = CountingMatcher(scenes["A"][0])
+    matcher = CountingMatcher(*scenes["A"])
     key = config_key(matcher.settings())
     with MatchStore(tmp_path / "m.sqlite", key, images) as store:
         assert match_into_store(matcher, ALL_PAIRS, store, progress=False) == 10
@@ -180,14 +177,14 @@ def test_new_weights_at_the_same_checkpoint_path_are_recomputed(tmp_path):
 def test_unchanged_run_recomputes_and_rereads_nothing(scenes, tmp_path, hash_reads):
     images = _folder(scenes, tmp_path)
     db = tmp_path / "database.db"
-    first = CountingMatcher(scenes["A"][0])
+    first = CountingMatcher(*scenes["A"])
     reconstruct(images, db, first, _config())
     assert len(first.matched) == 10
     assert sorted(hash_reads) == NAMES  # each file read once, although checked twice
     before = _content(db)
     assert set(before["recorded_images"]) == set(NAMES)
     hash_reads.clear()
-    again = CountingMatcher(scenes["A"][0])
+    again = CountingMatcher(*scenes["A"])
     reconstruct(images, db, again, _config())
     assert again.matched == [] and hash_reads == []
     assert _content(db) == before
@@ -196,12 +193,12 @@ def test_unchanged_run_recomputes_and_rereads_nothing(scenes, tmp_path, hash_rea
 def test_touched_file_with_the_same_bytes_is_reused(scenes, tmp_path, hash_reads):
     images = _folder(scenes, tmp_path)
     db = tmp_path / "database.db"
-    reconstruct(images, db, CountingMatcher(scenes["A"][0]), _config())
+    reconstruct(images, db, CountingMatcher(*scenes["A"]), _config())
     before = _content(db)
     st = os.stat(images / "cam_003.png")
     os.utime(images / "cam_003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     hash_reads.clear()
-    again = CountingMatcher(scenes["A"][0])
+    again = CountingMatcher(*scenes["A"])
     reconstruct(images, db, again, _config())
     assert hash_reads == ["cam_003.png"]  # re-read once (new mtime), found unchanged
     assert again.matched == []
@@ -215,11 +212,11 @@ def test_touched_file_with_the_same_bytes_is_reused(scenes, tmp_path, hash_reads
 def test_new_pictures_under_old_names_are_refused(scenes, tmp_path):
     images = _folder(scenes, tmp_path)
     db = tmp_path / "database.db"
-    reconstruct(images, db, CountingMatcher(scenes["A"][0]), _config(mapper="incremental"),
+    reconstruct(images, db, CountingMatcher(*scenes["A"]), _config(mapper="incremental"),
                 output_dir=tmp_path / "sparse")
     before = _content(db)
     _replace(scenes, images, ["cam_001.png", "cam_003.png"])
-    again = CountingMatcher(scenes["B"][0])
+    again = CountingMatcher(*scenes["B"])
     with pytest.raises(ValueError) as err:
         reconstruct(images, db, again, _config())
     message = str(err.value)
@@ -235,16 +232,16 @@ def test_new_pictures_under_old_names_are_refused(scenes, tmp_path):
 def test_other_settings_are_refused(scenes, tmp_path):
     images = _folder(scenes, tmp_path)
     db = tmp_path / "database.db"
-    reconstruct(images, db, CountingMatcher(scenes["A"][0]), _config())
+    reconstruct(images, db, CountingMatcher(*scenes["A"]), _config())
     before = _content(db)
-    other_preset = CountingMatcher(scenes["A"][0], "sfm")
+    other_preset = CountingMatcher(*scenes["A"], "sfm")
     with pytest.raises(ValueError) as err:
         reconstruct(images, db, other_preset, _config())
     lines = [line.strip() for line in str(err.value).splitlines() if line.strip().startswith("setting")]
     assert lines == ['setting matcher.conf_threshold: 1.001 -> 0.0',
                      'setting matcher.mode: "nonsym" -> "symmetric"']
     with pytest.raises(ValueError, match=r"setting keypoints\.cell_size: 4\.0 -> 2\.0"):
-        reconstruct(images, db, CountingMatcher(scenes["A"][0]), _config(keypoints=KeypointConfig(cell_size=2.0)))
+        reconstruct(images, db, CountingMatcher(*scenes["A"]), _config(keypoints=KeypointConfig(cell_size=2.0)))
     assert other_preset.matched == []
     assert _content(db) == before
 
@@ -252,10 +249,10 @@ def test_other_settings_are_refused(scenes, tmp_path):
 def test_more_pairs_and_images_are_a_normal_rerun(scenes, tmp_path):
     images = _folder(scenes, tmp_path)
     db = tmp_path / "database.db"
-    first = CountingMatcher(scenes["A"][0])
+    first = CountingMatcher(*scenes["A"])
     reconstruct(images, db, first, _config(pairs="sequential:1"), names=NAMES[:4])
     assert len(first.matched) == 3
-    more = CountingMatcher(scenes["A"][0])
+    more = CountingMatcher(*scenes["A"])
     reconstruct(images, db, more, _config())
     assert len(more.matched) == 7
     assert set(provenance.read(db).images) == set(NAMES)
@@ -264,16 +261,16 @@ def test_more_pairs_and_images_are_a_normal_rerun(scenes, tmp_path):
 def test_overwrite_starts_afresh(scenes, tmp_path):
     # reference: a first run on the new pictures
     ref_images = _folder(scenes, tmp_path / "ref", "B")
-    reconstruct(ref_images, tmp_path / "ref" / "database.db", CountingMatcher(scenes["B"][0]), _config())
+    reconstruct(ref_images, tmp_path / "ref" / "database.db", CountingMatcher(*scenes["B"]), _config())
     # a database filled from the old pictures, then the pictures change
     images = _folder(scenes, tmp_path / "run", "A")
     db = tmp_path / "run" / "database.db"
-    reconstruct(images, db, CountingMatcher(scenes["A"][0]), _config(keypoints=KeypointConfig(cell_size=2.0)))
+    reconstruct(images, db, CountingMatcher(*scenes["A"]), _config(keypoints=KeypointConfig(cell_size=2.0)))
     (tmp_path / "run" / "notes.txt").write_text("keep me")
     _replace(scenes, images, NAMES)
     with pytest.raises(ValueError, match="--overwrite"):
-        reconstruct(images, db, CountingMatcher(scenes["B"][0]), _config())
-    fresh = CountingMatcher(scenes["B"][0])
+        reconstruct(images, db, CountingMatcher(*scenes["B"]), _config())
+    fresh = CountingMatcher(*scenes["B"])
     reconstruct(images, db, fresh, _config(), overwrite=True)
     assert len(fresh.matched) == 10
     assert _content(db) == _content(tmp_path / "ref" / "database.db")
@@ -306,16 +303,16 @@ def test_reference_database_takes_the_settings_of_its_first_matching_run(scenes,
     database_from_reconstruction(reference, db)
     assert provenance.read(db) == provenance.Provenance()
     pairs = ALL_PAIRS[:6]
-    matcher = CountingMatcher(scene)
+    matcher = CountingMatcher(scene, images)
     model = triangulate_reference(reference, images, db, matcher, pairs, tmp_path / "sfm")
     assert model.num_points3D() > 100 and len(matcher.matched) == 6
     expected = provenance.flatten_settings(database_settings(matcher, KeypointConfig()))
     assert provenance.read(db) == provenance.Provenance({}, expected)  # no image folder: settings only
-    again = CountingMatcher(scene)
+    again = CountingMatcher(scene, images)
     triangulate_reference(reference, images, db, again, pairs, tmp_path / "sfm")
     assert again.matched == []
     with pytest.raises(ValueError, match=r'setting matcher\.mode: "nonsym" -> "symmetric"'):
-        triangulate_reference(reference, images, db, CountingMatcher(scene, "sfm"), pairs, tmp_path / "sfm")
+        triangulate_reference(reference, images, db, CountingMatcher(scene, images, "sfm"), pairs, tmp_path / "sfm")
 
 
 # ---- the command line --------------------------------------------------------------------------------
