@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +171,13 @@ class _SlowNetwork(SyntheticNetwork):
         return super().decode(enc0, enc1, symmetric)
 
 
+_RESUME_SCENE = {"num_cameras": 5, "image_size": (320, 240), "seed": 3, "kind": "planes"}
+
+
 def _resume_run(root: Path, db: Path, delay: float) -> None:
     """The run of the resume test: 5 pictures, 10 pairs matched one at a time, ``delay`` s per pair."""
     pycolmap.logging.minloglevel = 2
-    scene = SyntheticScene.make(num_cameras=5, image_size=(320, 240), seed=3, kind="planes")
+    scene = SyntheticScene.make(**_RESUME_SCENE)
     if not (root / "images").exists():
         scene.write_images(root / "images")
     matcher = Matcher(_SlowNetwork(scene, delay), {"image_size": 160, "batch_size": 1}, image_dir=root / "images")
@@ -216,27 +220,30 @@ def test_resume_after_kill(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_RUN_SCRIPT)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # uninterrupted reference run
-    _resume_run(tmp_path, tmp_path / "ref.db", 0.0)
-    # a run killed with SIGKILL once a few pairs are stored
+    SyntheticScene.make(**_RESUME_SCENE).write_images(tmp_path / "images")
     db = tmp_path / "killed.db"
     store = default_store_path(db)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(db), "0.7", str(Path(__file__).parent)],
-                            env=env)
-    stored = 0
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        if store.exists():
-            try:
-                with sqlite3.connect(str(store)) as con:
-                    stored = con.execute("SELECT COUNT(*) FROM pair_matches").fetchone()[0]
-            except sqlite3.Error:
-                continue
-            if stored >= 3:
-                break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with ThreadPoolExecutor(1) as pool:
+        # the uninterrupted reference run, in a thread while the other process starts (its own database and store)
+        reference = pool.submit(_resume_run, tmp_path, tmp_path / "ref.db", 0.0)
+        # a run killed with SIGKILL once a few pairs are stored
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(db), "0.7",
+                                 str(Path(__file__).parent)], env=env)
+        stored = 0
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if store.exists():
+                try:
+                    with sqlite3.connect(str(store)) as con:
+                        stored = con.execute("SELECT COUNT(*) FROM pair_matches").fetchone()[0]
+                except sqlite3.Error:
+                    continue
+                if stored >= 3:
+                    break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        reference.result()
     assert 3 <= stored < 10, f"kill came too late or too early ({stored} pairs stored)"
     with pycolmap.Database.open(str(db)) as d:
         assert d.num_matches() == 0  # nothing half-written: matches go in at the end, in one transaction
