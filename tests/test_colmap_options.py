@@ -193,7 +193,7 @@ def test_cli_bad_option_words(images, tmp_path, caplog, words, message):
     assert not (tmp_path / "db.db").exists()
 
 
-def test_cli_camera_intrinsics(images, tmp_path, caplog, small_pth):
+def test_cli_camera_intrinsics(images, tmp_path, caplog, small_pth, presets_at_256):
     names = sorted(p.name for p in images.iterdir())
     info = read_image_info(images / names[0])
     listing = tmp_path / "intrinsics.txt"
