@@ -47,8 +47,9 @@ def test_readme_main_job_on_the_example(tmp_path, small_pth, capsys, presets_at_
     assert (tmp_path / "database.db.mast3r-matches.sqlite").is_file()
 
 
-def test_readme_python_example(small_pth, capsys, monkeypatch):
-    """The README's Python block runs as written (with the test checkpoint instead of the hub weights)."""
+def test_readme_python_example(small_pth, capsys, monkeypatch, presets_at_256):
+    """The README's Python block runs as written (with the test checkpoint instead of the hub weights; its
+    match_pair with the "default" preset at 256 px, presets_at_256)."""
     import re
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
